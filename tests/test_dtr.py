@@ -1,0 +1,167 @@
+"""DTR (dtr.py): routing masks against the spec's worked numbers, exactness of the DTR blocks, and runs."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import dtr
+from common.builders import create_model
+from common.dit import DiT
+from common.diffusion import create_diffusion
+from common.train_utils import latest_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_dtr_mask_matches_spec_example():
+    m = dtr.routing_mask("dtr", 1024, 1000, beta=0.8, alpha=4.0)
+    assert m.shape == (1000, 1024) and (m.sum(1) == 819).all()
+    starts = m.argmax(1)
+    for t, s in zip([0, 100, 250, 500, 750, 900, 999], [0, 0, 1, 13, 65, 135, 205]):
+        assert starts[t].item() == s
+        assert m[t, s:s + 819].all() and m[t].sum() == 819  # one contiguous window
+    assert (starts[1:] >= starts[:-1]).all()  # drifts monotonically to the high channels
+
+
+def test_random_mask_seeded_and_none_is_ones():
+    a, b, c = (dtr.routing_mask("random", 64, 50, beta=0.5, seed=s) for s in (1, 1, 2))
+    assert torch.equal(a, b) and not torch.equal(a, c) and (a.sum(1) == 32).all()
+    assert torch.equal(dtr.routing_mask("none", 8, 5), torch.ones(5, 8))
+    assert torch.equal(dtr.routing_mask("dtr", 8, 5, beta=1.0), torch.ones(5, 8))
+    with pytest.raises(ValueError):
+        dtr.routing_mask("bogus", 8)
+
+
+def _tiny_dit(**kw):
+    torch.manual_seed(0)
+    model = DiT(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=3, **kw)
+    for p in model.parameters():  # leave adaLN-Zero's identity init so blocks actually do something
+        torch.nn.init.normal_(p, std=0.05)
+    return model.eval()  # eval: no random label dropout, so two forwards are comparable
+
+
+def test_dit_with_beta_one_equals_vanilla_and_adds_no_parameters():
+    vanilla, routed = _tiny_dit(), _tiny_dit()
+    dtr.add_task_routing(routed, "dtr", beta=1.0)
+    x, t, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 10, 500, 999]), torch.tensor([0, 1, 2, 0])
+    assert torch.equal(vanilla(x, t, y), routed(x, t, y))
+    dtr.add_task_routing(routed, "dtr", beta=0.5)
+    assert not torch.allclose(vanilla(x, t, y), routed(x, t, y))
+    assert sum(p.numel() for p in routed.parameters()) == sum(p.numel() for p in vanilla.parameters())
+    assert routed.state_dict().keys() == vanilla.state_dict().keys()  # masks are non-persistent buffers
+
+
+def test_dit_router_is_eq8_block_by_block():
+    model = dtr.add_task_routing(_tiny_dit(), "dtr", beta=0.5)
+    block, x, c, t = model.blocks[0], torch.randn(2, 16, 32), torch.randn(2, 32), torch.tensor([3, 900])
+    m = dtr.routing_mask("dtr", 32, beta=0.5)[t].unsqueeze(1)
+    expected = block(m * x, c) + (1 - m) * x
+    out = model.router(block, x, c, t)
+    torch.testing.assert_close(out, expected)
+    # the residual branch reads only the active channels: a change on inactive channels passes straight through
+    delta = torch.randn_like(x) * (1 - m)
+    torch.testing.assert_close(model.router(block, x + delta, c, t), out + delta)
+
+
+def test_adm_routing_beta_one_exact_and_masks_shared_per_width():
+    torch.manual_seed(0)
+    vanilla = create_model("ADM-S", 16, 3, 4)
+    routed = create_model("ADM-S", 16, 3, 4)
+    routed.load_state_dict(vanilla.state_dict())
+    for p in list(vanilla.parameters()):
+        torch.nn.init.normal_(p, std=0.05)
+    routed.load_state_dict(vanilla.state_dict())
+    vanilla.eval(), routed.eval()
+    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([5, 700]), torch.tensor([1, 3])
+    dtr.add_task_routing(routed, "dtr", beta=1.0)
+    assert torch.equal(vanilla(x, t, y), routed(x, t, y))
+    dtr.add_task_routing(routed, "dtr", beta=0.8)
+    assert not torch.allclose(vanilla(x, t, y), routed(x, t, y))
+    routed_blocks = [m for m in routed.modules() if getattr(m, "router", None) is not None]
+    widths = {(m.in_layers[0] if hasattr(m, "in_layers") else m.norm).num_channels for m in routed_blocks}
+    routers = {id(m.router): m.router for m in routed_blocks}
+    assert len(routers) == len(widths) > 1  # one shared mask per channel width (skip concats add widths)
+    for m in routed_blocks:
+        assert m.router.mask.shape == (1000, (m.in_layers[0] if hasattr(m, "in_layers") else m.norm).num_channels)
+    assert routed.state_dict().keys() == vanilla.state_dict().keys()
+
+
+def test_respaced_sampling_routes_with_the_training_timestep():
+    seen = []
+    model = dtr.add_task_routing(_tiny_dit(), "dtr")
+    original = model.router.forward
+    model.router.forward = lambda block, x, c, t: (seen.append(t.clone()), original(block, x, c, t))[1]
+    d = create_diffusion("10", "linear", learn_sigma=True)
+    d.p_sample_loop(model, (1, 3, 8, 8), model_kwargs=dict(y=torch.tensor([1])))
+    used = sorted({int(t) for t in torch.cat(seen)})
+    assert used == sorted(d.timestep_map.tolist()) and max(used) == 999
+
+
+def test_unknown_model_is_one_line_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        dtr.parse_args(["--model", "DiT-Q/3"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown --model 'DiT-Q/3'" in err and "DiT-XL/2" in err and "ADM" in err
+
+
+def _run_args(tmp_path, steps, extra=()):
+    return ["--results-dir", str(tmp_path), "--steps", str(steps), "--image-size", "16", "--global-batch-size", "4",
+            "--log-every", "1", "--ckpt-every", "3", "--sample-every", "1000", "--num-sampling-steps", "2",
+            "--lr", "1e-3", *extra]
+
+
+def _final_weights(run_dir):
+    return torch.load(latest_checkpoint(run_dir), map_location="cpu", weights_only=False)
+
+
+def test_training_run_writes_outputs_and_resume_is_exact(tmp_path):
+    straight = dtr.main(_run_args(tmp_path / "a", 6))
+    for name in ["log.txt", "metrics.csv", "routing_mask.png", "samples/0000006.png", "checkpoints/0000006.pt"]:
+        assert os.path.exists(os.path.join(straight, name)), name
+    first = dtr.main(_run_args(tmp_path / "b", 3))
+    resumed = dtr.main(_run_args(tmp_path / "b", 6, ["--resume", "auto"]))
+    assert resumed == first
+    a, b = _final_weights(straight), _final_weights(resumed)
+    assert a["step"] == b["step"] == 6
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k in a["ema"]:
+        assert torch.equal(a["ema"][k], b["ema"][k]), k
+    rows = open(os.path.join(resumed, "metrics.csv")).read().strip().splitlines()
+    assert len(rows) == 1 + 6  # header + one row per logged step, across the interruption
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_resume_matches_uninterrupted(tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "dtr.py"), *_run_args(tmp_path / "k", 100_000)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tmp_path / "k" / "000-dtr-DiT-Ti-4-dtr" / "log.txt"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and "step 0000002" in log.read_text()):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, proc.stderr.read().decode()[-2000:]
+    stopped = _final_weights(str(log.parent))["step"]
+    assert stopped >= 2
+    resumed = dtr.main(_run_args(tmp_path / "k", stopped + 2, ["--resume", "auto"]))
+    straight = dtr.main(_run_args(tmp_path / "s", stopped + 2))
+    a, b = _final_weights(resumed), _final_weights(straight)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_gloo(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+           os.path.join(ROOT, "dtr.py"), *_run_args(tmp_path, 4, ["--loss-weight", "ant-uw", "--ant-k", "2"])]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    log = open(os.path.join(tmp_path, "000-dtr-DiT-Ti-4-dtr", "log.txt")).read()
+    assert "world size 2" in log and "replicas in sync: True" in log
+    assert "uw_weight_1" in open(os.path.join(tmp_path, "000-dtr-DiT-Ti-4-dtr", "metrics.csv")).readline()

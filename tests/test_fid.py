@@ -1,4 +1,4 @@
-"""FID / IS / precision-recall math, the FID Inception layout and the ADM .npz helpers, checked from first principles."""
+"""FID / IS / precision-recall math, the FID Inception layout and the ADM .npz helpers, from first principles."""
 import os
 
 import numpy as np
@@ -9,7 +9,7 @@ from PIL import Image
 from eval import fid
 from eval.fid import (compute_features, compute_statistics, frechet_distance, inception_score, load_images_npz,
                       load_statistics, precision_recall, save_adm_npz, save_statistics)
-from eval.inception import FIDInception, preprocess
+from eval.inception import FIDInception, preprocess, tf_avg_pool
 
 
 def random_spd(rng, d):
@@ -219,6 +219,17 @@ def test_preprocess_matches_hand_bilinear_resize_and_scaling():
     assert got.shape == (1, 3, 299, 299)
     np.testing.assert_allclose(got[0].numpy(), expected, atol=1e-12)
     assert torch.allclose(preprocess(torch.full((1, 3, 64, 64), 0.25)), torch.tensor(-0.5))  # 2 * 0.25 - 1
+
+
+def test_tf_pooling_quirks():
+    # TF averages only over real pixels: a constant map stays constant at the border (zero padding would give 4/9
+    # in the corners). Mixed_7b averages, Mixed_7c max-pools (pytorch-fid's FIDInceptionE_1 / FIDInceptionE_2).
+    assert torch.equal(tf_avg_pool(torch.ones(1, 1, 4, 4)), torch.ones(1, 1, 4, 4))
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    assert tf_avg_pool(x)[0, 0, 0, 0] == (0 + 1 + 4 + 5) / 4
+    with torch.device("meta"):
+        model = FIDInception()
+    assert (model.Mixed_7b.pool, model.Mixed_7c.pool) == ("avg", "max")
 
 
 @pytest.mark.slow

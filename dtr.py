@@ -25,8 +25,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from ant_clustering import UncertaintyWeighting, cluster_losses, interval_index, stratified_timesteps, uniform_intervals
-from common.builders import (MODEL_NAMES, cfg_label_dropout, create_dataset, create_model, prepare_batch,
-                             sample_to_npz, write_sample_grid)
+from common.builders import (MODEL_NAMES, cfg_label_dropout, create_dataset, create_model, load_vae,
+                             prepare_batch, sample_to_npz, write_sample_grid)
 from common.diffusion import create_diffusion, min_snr_weight, p2_weight
 from common.dit import DiT
 from common.train_utils import (TrainingRun, add_run_args, all_reduce_mean, autocast, cleanup_distributed, fail,
@@ -149,6 +149,7 @@ def train(args):
     batch_size = args.global_batch_size // world_size
     run = TrainingRun(args, f"dtr-{args.model}-{args.routing}", rank, world_size)
     dataset, channels, size, num_classes = create_dataset(args.data, args.image_size, args.num_classes, args.latent)
+    args.input_shape, args.num_classes = [channels, size, size], num_classes  # saved with the args: sampling needs no data
 
     torch.manual_seed(args.seed)  # same initial weights on every rank and in every (re)run
     model = create_model(args.model, size, channels, num_classes, learn_sigma=True)
@@ -172,8 +173,6 @@ def train(args):
         if uw is not None:
             uw.load_state_dict(ckpt["uw"])
         step = ckpt["step"]
-    else:
-        ema.load_state_dict(model.state_dict())
     # masks are buffers that never change: no need to broadcast them on every forward
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
               broadcast_buffers=False) if world_size > 1 else model
@@ -186,7 +185,8 @@ def train(args):
             f"world size {world_size}, batch {batch_size}/rank; results in {run.dir}")
     sample_kw = dict(input_shape=(channels, size, size), num_classes=num_classes, device=device,
                      noise_schedule=args.noise_schedule, num_steps=args.num_sampling_steps, sampler=args.sampler,
-                     cfg_scale=args.cfg_scale, cfg_channels=None if args.cfg_channels == "all" else 3)
+                     cfg_scale=args.cfg_scale, cfg_channels=None if args.cfg_channels == "all" else 3,
+                     vae=load_vae(args.vae, device) if args.latent and args.vae else None)
 
     model.train()
     running = torch.zeros(2, device=device)  # (sum of losses, count): summed on-device, synced only when logging
@@ -244,17 +244,14 @@ def sample(args):
     rank, world_size, device = init_distributed()
     ckpt = load_checkpoint(args.ckpt)
     targs = argparse.Namespace(**ckpt["args"])
-    _, channels, size, num_classes = create_dataset(targs.data, targs.image_size, targs.num_classes, targs.latent)
+    (channels, size, _), num_classes = targs.input_shape, targs.num_classes
     model = create_model(targs.model, size, channels, num_classes, learn_sigma=True)
     add_task_routing(model, targs.routing, targs.beta, targs.alpha, targs.mask_seed)
     load_model_state(model, ckpt["ema"], args.ckpt)
     model.to(device).eval()
-    vae = None
-    if targs.latent:
-        if not args.vae:
-            fail("this checkpoint was trained on VAE latents; pass --vae PATH to the SD VAE weights to decode")
-        from common.vae import AutoencoderKL
-        vae = AutoencoderKL.from_pretrained_file(args.vae).to(device).eval()
+    if targs.latent and not args.vae:
+        fail("this checkpoint was trained on VAE latents; pass --vae PATH to the SD VAE weights to decode")
+    vae = load_vae(args.vae, device) if targs.latent else None
     out_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(args.ckpt))),
                            f"samples-{ckpt['step']:07d}-{args.sampler}{args.num_sampling_steps}-cfg{args.cfg_scale}")
     path = sample_to_npz(model, out_dir, args.num_samples, args.sample_batch_size, (channels, size, size),
@@ -274,8 +271,8 @@ def sample(args):
 # Defaults: the paper's ImageNet-256 run (App. C) on real data; a CPU-sized demo on --data synthetic.
 PAPER = dict(steps=400_000, global_batch_size=256, lr=1e-4, ema_decay=0.9999, num_workers=4, log_every=100,
              ckpt_every=50_000, sample_every=10_000)
-DEMO = dict(steps=1200, global_batch_size=32, lr=1e-3, ema_decay=0.995, num_workers=0, log_every=50,
-            ckpt_every=400, sample_every=600)
+DEMO = dict(steps=800, global_batch_size=32, lr=1e-3, ema_decay=0.995, num_workers=0, log_every=50,
+            ckpt_every=400, sample_every=400)
 
 
 def parse_args(argv=None):

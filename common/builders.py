@@ -100,6 +100,12 @@ def prepare_batch(batch, device, latent, flip=True):
     return (random_hflip(x) if flip else x), y
 
 
+def load_vae(path, device):
+    """The SD VAE (common/vae.py) from a local weight file, for encoding/decoding latents."""
+    from common.vae import AutoencoderKL
+    return AutoencoderKL.from_pretrained_file(path).to(device).eval()
+
+
 #################################################################################
 #                                   Sampling                                    #
 #################################################################################
@@ -129,8 +135,9 @@ def write_sample_grid(model, path, input_shape, num_classes, device, n=16, seed=
     labels = torch.arange(n, device=device) % num_classes
     was_training = model.training
     model.eval()
-    save_image_grid(sample_images(model, labels, input_shape, generator=gen, **sample_kwargs), path,
-                    nrow=int(math.ceil(math.sqrt(n))))
+    images = sample_images(model, labels, input_shape, generator=gen, **sample_kwargs)
+    # latents without a VAE to decode them: show the first 3 latent channels as RGB
+    save_image_grid(images[:, :3], path, nrow=int(math.ceil(math.sqrt(n))))
     model.train(was_training)
 
 

@@ -132,10 +132,10 @@ def make_ema(model):
 
 @torch.no_grad()
 def update_ema(ema_model, model, decay=0.9999):
-    """ema <- decay * ema + (1 - decay) * model, parameter by parameter (DiT train.py)."""
+    """ema <- decay * ema + (1 - decay) * model (DiT train.py), as one fused multi-tensor op."""
     ema_params = OrderedDict(ema_model.named_parameters())
-    for name, param in model.named_parameters():
-        ema_params[name].lerp_(param.detach(), 1 - decay)
+    pairs = [(ema_params[name], p.detach()) for name, p in model.named_parameters()]
+    torch._foreach_lerp_([e for e, _ in pairs], [p for _, p in pairs], 1 - decay)
 
 
 def autocast(device, enabled):

@@ -165,3 +165,13 @@ def test_torchrun_two_processes_gloo(tmp_path):
     log = open(os.path.join(tmp_path, "000-dtr-DiT-Ti-4-dtr", "log.txt")).read()
     assert "world size 2" in log and "replicas in sync: True" in log
     assert "uw_weight_1" in open(os.path.join(tmp_path, "000-dtr-DiT-Ti-4-dtr", "metrics.csv")).readline()
+
+
+def test_sample_only_writes_adm_npz(tmp_path):
+    import numpy as np
+    run_dir = dtr.main(_run_args(tmp_path, 2))
+    path = dtr.main(["--sample-only", "--ckpt", latest_checkpoint(run_dir), "--num-samples", "5",
+                     "--sample-batch-size", "3", "--num-sampling-steps", "3", "--sampler", "ddim"])
+    arr = np.load(path)["arr_0"]
+    assert arr.shape == (5, 16, 16, 3) and arr.dtype == np.uint8
+    assert os.path.exists(os.path.join(os.path.dirname(path), "samples.png"))

@@ -113,6 +113,48 @@ def add_task_routing(model, kind="dtr", beta=0.8, alpha=4.0, seed=0, num_timeste
 
 
 #################################################################################
+#          Representation analysis (Sec. 5.3, Fig. 6): CKA across timesteps     #
+#################################################################################
+
+def linear_cka(X, Y):
+    """Linear CKA (Kornblith et al. 2019): ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F) on centred (n, d) features."""
+    X, Y = X - X.mean(0), Y - Y.mean(0)
+    return (Y.T @ X).norm() ** 2 / ((X.T @ X).norm() * (Y.T @ Y).norm())
+
+
+@torch.no_grad()
+def timestep_cka(model, diffusion, x0, y, timesteps):
+    """CKA between each DiT block's outputs at every pair of timesteps (same x0, same noise): [blocks, T', T']."""
+    feats = []  # per timestep: one (B, N*D) matrix per block, in block order
+    hooked = model.router if model.router is not None else None
+    targets = [hooked] if hooked is not None else list(model.blocks)  # a router's outputs are the routed blocks'
+    handles = [m.register_forward_hook(lambda mod, inp, out: feats[-1].append(out.flatten(1).double()))
+               for m in targets]
+    noise = torch.randn_like(x0)
+    model.eval()
+    for t in timesteps:
+        feats.append([])
+        tt = torch.full((len(x0),), int(t), device=x0.device, dtype=torch.long)
+        model(diffusion.q_sample(x0, tt, noise), tt, y)
+    for h in handles:
+        h.remove()
+    n = len(timesteps)
+    cka = torch.zeros(len(feats[0]), n, n)
+    for b in range(len(feats[0])):
+        for i in range(n):
+            for j in range(i, n):
+                cka[b, i, j] = cka[b, j, i] = linear_cka(feats[i][b], feats[j][b])
+    return cka
+
+
+def save_cka_png(cka, path, scale=8):
+    """One heat-map per block side by side (t = 0 top-left; white = 1), like the paper's Fig. 6."""
+    tiles = [(c.clamp(0, 1).numpy() * 255).astype(np.uint8).repeat(scale, 0).repeat(scale, 1) for c in cka]
+    gap = np.zeros((tiles[0].shape[0], 4), dtype=np.uint8)
+    Image.fromarray(np.concatenate([x for t in tiles for x in (t, gap)][:-1], axis=1)).save(path)
+
+
+#################################################################################
 #                 Loss: eps-MSE + vb, optional task weighting                   #
 #################################################################################
 
@@ -239,16 +281,22 @@ def train(args):
 #                 Sampler: DDPM-250 / DDIM with cfg, ADM .npz export            #
 #################################################################################
 
-def sample(args):
-    """DiT sample_ddp.py for a DTR checkpoint: EMA weights, routing rebuilt from the checkpoint's args."""
-    rank, world_size, device = init_distributed()
-    ckpt = load_checkpoint(args.ckpt)
+def load_trained(ckpt_path, device):
+    """(EMA model with its routing rebuilt, training args, checkpoint) from a dtr.py checkpoint."""
+    ckpt = load_checkpoint(ckpt_path)
     targs = argparse.Namespace(**ckpt["args"])
     (channels, size, _), num_classes = targs.input_shape, targs.num_classes
     model = create_model(targs.model, size, channels, num_classes, learn_sigma=True)
     add_task_routing(model, targs.routing, targs.beta, targs.alpha, targs.mask_seed)
-    load_model_state(model, ckpt["ema"], args.ckpt)
-    model.to(device).eval()
+    load_model_state(model, ckpt["ema"], ckpt_path)
+    return model.to(device).eval(), targs, ckpt
+
+
+def sample(args):
+    """DiT sample_ddp.py for a DTR checkpoint: EMA weights, routing rebuilt from the checkpoint's args."""
+    rank, world_size, device = init_distributed()
+    model, targs, ckpt = load_trained(args.ckpt, device)
+    (channels, size, _), num_classes = targs.input_shape, targs.num_classes
     if targs.latent and not args.vae:
         fail("this checkpoint was trained on VAE latents; pass --vae PATH to the SD VAE weights to decode")
     vae = load_vae(args.vae, device) if targs.latent else None
@@ -299,6 +347,7 @@ def parse_args(argv=None):
     p.add_argument("--cfg-channels", choices=["3", "all"], default="all",
                    help="guide all eps channels (DTR upstream) or the first 3 (a DiT leftover)")
     p.add_argument("--sample-only", action="store_true", help="sample --num-samples from --ckpt, write .npz")
+    p.add_argument("--cka", action="store_true", help="write the Fig. 6 CKA heat-maps of --ckpt and exit")
     p.add_argument("--ckpt", default=None)
     p.add_argument("--num-samples", type=int, default=50_000)
     p.add_argument("--sample-batch-size", type=int, default=32)
@@ -311,13 +360,32 @@ def parse_args(argv=None):
     fill_defaults(args, DEMO if synthetic else PAPER)
     args.image_size = args.image_size or (32 if synthetic else 256)
     args.num_sampling_steps = args.num_sampling_steps or (50 if synthetic else 250)
-    if args.sample_only and not args.ckpt:
-        p.error("--sample-only needs --ckpt PATH")
+    if (args.sample_only or args.cka) and not args.ckpt:
+        p.error("--sample-only and --cka need --ckpt PATH")
     return args
+
+
+def cka_analysis(args, num_images=64, num_timesteps=20):
+    """Fig. 6 for a checkpoint: per-block CKA across timesteps on one batch of training data, as a PNG."""
+    _, _, device = init_distributed()
+    model, targs, ckpt = load_trained(args.ckpt, device)
+    if not isinstance(model, DiT):
+        fail("--cka analyses DiT blocks (as the paper's Fig. 6); this checkpoint is an ADM U-Net")
+    dataset, *_ = create_dataset(targs.data, targs.image_size, targs.num_classes, targs.latent)
+    batch = next(infinite_loader(dataset, min(num_images, len(dataset)), 0, 1, 0, 0))
+    x, y = prepare_batch(batch, device, targs.latent, flip=False)
+    timesteps = np.linspace(0, 999, num_timesteps).round().astype(int)
+    cka = timestep_cka(model, create_diffusion("", targs.noise_schedule), x, y, timesteps)
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(args.ckpt))), f"cka-{ckpt['step']:07d}.png")
+    save_cka_png(cka, path)
+    print(f"wrote {path} ({cka.shape[0]} blocks x {num_timesteps} timesteps)")
+    return path
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.cka:
+        return cka_analysis(args)
     return sample(args) if args.sample_only else train(args)
 
 

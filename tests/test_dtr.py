@@ -175,3 +175,23 @@ def test_sample_only_writes_adm_npz(tmp_path):
     arr = np.load(path)["arr_0"]
     assert arr.shape == (5, 16, 16, 3) and arr.dtype == np.uint8
     assert os.path.exists(os.path.join(os.path.dirname(path), "samples.png"))
+    assert os.path.exists(dtr.main(["--cka", "--ckpt", latest_checkpoint(run_dir)]))
+
+
+def test_linear_cka_properties():
+    X = torch.randn(64, 10, dtype=torch.float64)
+    Q, _ = torch.linalg.qr(torch.randn(10, 10, dtype=torch.float64))
+    assert dtr.linear_cka(X, X).item() == pytest.approx(1.0)
+    assert dtr.linear_cka(X, 3.0 * X @ Q + 5.0).item() == pytest.approx(1.0)  # orthogonal + scale + shift invariant
+    assert dtr.linear_cka(X, torch.randn(64, 10, dtype=torch.float64)).item() < 0.4
+
+
+def test_timestep_cka_shape_and_diagonal(tmp_path):
+    model = dtr.add_task_routing(_tiny_dit(), "dtr")
+    d = create_diffusion("", "linear", learn_sigma=True)
+    cka = dtr.timestep_cka(model, d, torch.randn(6, 3, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2]), [0, 300, 999])
+    assert cka.shape == (2, 3, 3)
+    torch.testing.assert_close(torch.diagonal(cka, dim1=1, dim2=2), torch.ones(2, 3, dtype=cka.dtype))
+    assert torch.equal(cka, cka.transpose(1, 2))
+    dtr.save_cka_png(cka, str(tmp_path / "cka.png"))
+    assert (tmp_path / "cka.png").exists()

@@ -10,9 +10,27 @@ implements. This file holds (1) the forward aggregation: task-weight schedules, 
 and one Markov step, and (2) the reverse process: the posterior in x0- and eps-form, one ancestral step, the prior
 at T and the sampling loop with optional constrained restoration. No official code exists; this is the reference.
 """
-import sys
+import argparse
+import copy
+import math
+import os
 
+import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm.auto import tqdm
+
+from common.builders import ADM_CONFIGS, ADM_SMALL
+from common.diffusion import get_beta_schedule, mean_flat, space_timesteps
+from common.train_utils import (TrainingRun, add_run_args, all_reduce_mean, autocast, cleanup_distributed, fail,
+                                fill_defaults, infinite_loader, init_distributed, load_checkpoint, load_model_state,
+                                make_ema, random_hflip, replicas_in_sync, save_image_grid, seed_step, update_ema)
+from common.unet import EncoderUNetModel, UNetModel
+from data.image_folder import ImageFolder
+from data.paired import DIRECTIONS, LAYOUTS, PairedImages, SyntheticPairs
+from data.synthetic import SyntheticShapes
 
 
 #################################################################################
@@ -245,6 +263,680 @@ def sample_loop(sched, eps_fn, encodings, shape, generator=None, progress=False,
     return z
 
 
+def respace(sched, num_steps):
+    """A num_steps chain with the marginals (abar_t, atilde_t) of sched at the kept timesteps; returns it and the
+    kept 0-based indices (ADM respace.py extended to Eq. 4): alpha'_i = abar_{k_i} / abar_{k_{i-1}} and, solving the
+    recursion of Eq. (4) for w, w'_i = atilde_{k_i} / sqrt(alpha'_i) - atilde_{k_{i-1}} (>= 0)."""
+    kept = torch.tensor(sorted(space_timesteps(sched.num_timesteps, str(num_steps))))
+    abar, atilde = sched.alphas_cumprod.cpu()[kept], sched.atilde.cpu()[kept]
+    alphas = abar / torch.cat([abar.new_ones(1), abar[:-1]])
+    w = atilde / alphas.sqrt()[:, None] - torch.cat([torch.zeros_like(atilde[:1]), atilde[:-1]])
+    return MTSchedule(1.0 - alphas, w), kept
+
+
+def schedule_to(sched, device):
+    """Move every table of an MTSchedule to device once (so _extract does no host-to-device copy per step)."""
+    for name, value in vars(sched).items():
+        if torch.is_tensor(value):
+            setattr(sched, name, value.to(device))
+    return sched
+
+
+def task_weights(kind, betas, clamp=1.0, value=1.0, atilde_max=1.0):
+    """w_t of Eq. (3) for --task-weight, rescaled so that max_t atilde_t = atilde_max (atilde is linear in w)."""
+    # Measured (see the report / README): the raw paper weights give atilde_t ~ 150 (linear) / 270 (cosine)
+    # mid-chain, so z_t is ~99% injected signal: the eps target drowns (bf16 keeps 8 mantissa bits: at 270 its
+    # resolution is ~1, the size of the noise itself). Rescaling keeps the paper's shape t / (T - t) and puts
+    # atilde_t E in O(1).
+    w = task_weight_schedule(kind, len(betas), clamp=clamp, value=value)
+    if atilde_max and kind != "zero":
+        w = w * (atilde_max / aggregation_coefficients(1.0 - torch.as_tensor(betas), w).max())
+    return w
+
+
+#################################################################################
+#            3. Encoders E_i: stop-gradient maps into the diffusion space       #
+#################################################################################
+
+def identity_encoder(x):
+    """Fig. 3 choice 1: a modality already in the diffusion space (masked image, paired image) is its own E(x)."""
+    return x
+
+
+@torch.no_grad()
+def unet_label_encoder(unet, y, shape):
+    """Fig. 3 choice 3 / App. E.3: E(y) = the shared U-Net's output for a zero image at t = 0 with y through the
+    class embedding (our ADM U-Net has no cross-attention), under no_grad: a stop-gradient view of the reverse model."""
+    zeros = torch.zeros(shape[0], unet.in_channels, *shape[2:], device=y.device)
+    return unet(zeros, torch.zeros_like(y), y)[:, :shape[1]].float()
+
+
+@torch.no_grad()
+def projection_encoder(embedding, projection, shape):
+    """E(e) = P^T (e / |e|) reshaped to z's shape, P a fixed seeded N(0, 1) matrix: entries of E are ~N(0, 1).
+    A parameter-free stand-in for App. E.4's cross-attention route, which the ADM U-Net lacks."""
+    return (F.normalize(embedding.float(), dim=1) @ projection).reshape(shape)
+
+
+def fixed_projection(rows, columns, seed, device):
+    """A (rows, columns) N(0, 1) matrix drawn from seed alone: every run, rank and resume rebuilds the same one."""
+    return torch.randn(rows, columns, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def load_vae(path, device):
+    """The frozen SD-VAE of --latent (App. E.1 uses LDM's kl-f8 encoder as E): weights from a local file."""
+    if not path or not os.path.isfile(path):
+        fail(f"--latent needs --vae PATH to local SD-VAE weights (diffusers .bin/.safetensors or LDM .ckpt); "
+             f"got {path!r}")
+    from common.vae import AutoencoderKL
+    return AutoencoderKL.from_pretrained_file(path).to(device).eval().requires_grad_(False)
+
+
+def to_diffusion_space(images, vae):
+    """Pixels in [-1, 1] -> diffusion space: identity, or 0.18215 * VAE posterior mean (no_grad) with --latent."""
+    return images if vae is None else vae.encode_to_latent(images)
+
+
+def to_pixels(z, vae):
+    return z.clamp(-1, 1) if vae is None else vae.decode_from_latent(z)
+
+
+def demo_embedding(images, labels, num_classes, projection):
+    """Synthetic-set stand-in for a CLIP embedding: a fixed random projection of [one-hot label, per-channel mean and
+    std of the image] (so it carries class and colour information the image must agree with)."""
+    stats = torch.cat([F.one_hot(labels, num_classes).float(), images.mean((2, 3)), images.std((2, 3))], dim=1)
+    return stats @ projection
+
+
+#################################################################################
+#            4. Reverse model: shared ADM U-Net + modality heads D_i            #
+#################################################################################
+
+# ADM-T: not in the paper, a U-Net that trains in minutes on a CPU (the no-argument demo).
+UNET_CONFIGS = {"ADM-S": ADM_SMALL, "ADM-T": dict(model_channels=32, channel_mult=(1, 2, 2), attention_resolutions=(4,),
+                                                  num_res_blocks=1, num_head_channels=32)}
+# guided-diffusion create_classifier's channel_mult by image size (the -E head); (1, 2, 2) below 64 px (ours)
+CLASSIFIER_MULT = {64: (1, 2, 3, 4), 128: (1, 1, 2, 3, 4), 256: (1, 1, 2, 2, 4, 4)}
+
+
+def create_unet(name, image_size, channels, in_channels, num_classes=None):
+    """eps_theta: "ADM" = guided-diffusion's config for the resolution (at 64 px exactly App. E.2's 192 channels and
+    3 res blocks), ADM-S or ADM-T. Eq. (6) has no vb term, so learn_sigma = False (App. E.1)."""
+    if name == "ADM" and image_size not in ADM_CONFIGS:
+        fail(f"--model ADM has configs for sizes {sorted(ADM_CONFIGS)} (latent side with --latent); use ADM-S/ADM-T")
+    cfg = ADM_CONFIGS[image_size] if name == "ADM" else UNET_CONFIGS[name]
+    return UNetModel(image_size=image_size, in_channels=in_channels, out_channels=channels,
+                     dropout=0.1 if name == "ADM" else 0.0, num_classes=num_classes, use_scale_shift_norm=True,
+                     resblock_updown=True, use_new_attention_order=True, **cfg)
+
+
+def output_classifier(image_size, channels, num_classes, width, depth):
+    """-E head: guided-diffusion's classifier with App. E.3's flags (attention at 32/16/8 px, attention pool,
+    resblock_updown, scale-shift norm; depth 4 and width 128 at paper scale) reading the U-Net output."""
+    attention_ds = tuple(image_size // r for r in (32, 16, 8) if r <= image_size)
+    return EncoderUNetModel(image_size, channels, width, num_classes, depth, attention_ds,
+                            channel_mult=CLASSIFIER_MULT.get(image_size, (1, 2, 2)), num_head_channels=min(64, width),
+                            use_scale_shift_norm=True, resblock_updown=True, pool="attention")
+
+
+class MTDiffusionModel(nn.Module):
+    """eps_theta(z_t, t) (-U) or eps_theta(z_t, X, t) (-X: E(X) as extra input channels) plus one modality head
+    D_1 reading the "penultimate" features, the pooled "middle" block or the U-Net "output" (Sec. 2.2.3, Fig. 3)."""
+
+    def __init__(self, unet, head, head_input, variant):
+        super().__init__()
+        self.unet, self.head, self.head_input, self.variant = unet, head, head_input, variant
+
+    def forward(self, z_t, t, encodings):
+        x = torch.cat([z_t, *encodings], dim=1) if self.variant == "X" else z_t
+        # a class-conditional U-Net (labels setting) exists only to encode labels: eps never sees y (null row)
+        y = None if self.unet.num_classes is None else torch.full_like(t, self.unet.num_classes - 1)
+        out, features = self.unet(x, t, y, return_features=True)
+        if self.head_input == "output":
+            return out, self.head(out, t)  # -E: the classifier reads the U-Net output at the same t
+        if self.head_input == "middle":
+            return out, self.head(features["middle"].mean(dim=(2, 3)))  # global average pool of the middle block
+        return out, self.head(features["penultimate"])
+
+
+def create_mt_model(args, channels, size, num_classes, embed_dim):
+    """Shared U-Net + the head D_1 of --setting (Sec. 4, App. E.1-E.4)."""
+    labels = args.setting == "image-label"
+    in_channels = channels * (2 if args.variant == "X" else 1)
+    unet = create_unet(args.model, size, channels, in_channels, num_classes + 1 if labels else None)
+    if args.setting in IMAGE_SETTINGS:  # App. E.1/E.2: a replica of the output block (GroupNorm, SiLU, conv)
+        return MTDiffusionModel(unet, copy.deepcopy(unet.out), "penultimate", args.variant)
+    middle = unet.middle_block[-1].out_channels
+    if labels and args.label_head == "M":  # App. E.3 -M: one fully connected layer on the middle block
+        return MTDiffusionModel(unet, nn.Linear(middle, num_classes), "middle", args.variant)
+    if labels:
+        depth, width = (4, 128) if args.model == "ADM" else (1, 32)
+        head = output_classifier(size, channels, num_classes, width, depth)
+        return MTDiffusionModel(unet, head, "output", args.variant)
+    # App. E.4: a two-layer MLP 1024-ReLU-1024 on the middle block (last layer sized to the given embedding)
+    head = nn.Sequential(nn.Linear(middle, 1024), nn.ReLU(), nn.Linear(1024, embed_dim))
+    return MTDiffusionModel(unet, head, "middle", args.variant)
+
+
+#################################################################################
+#               5. Loss, Eq. (6), and training loop, Algorithm 2                #
+#################################################################################
+
+def training_losses(model, sched, z0, encodings, target, t, decoder_loss, decoder_weight=0.1, noise=None):
+    """Per-sample terms of Eq. (6): eps-MSE on z_t ~ q(z_t | z_0, X) + lambda * the decoder loss (lambda = 0.1)."""
+    noise = torch.randn_like(z0) if noise is None else noise
+    z_t = q_sample(sched, z0, encodings, t, noise)  # Algorithm 2 line 6, Eq. (4)
+    eps, pred = model(z_t, t, encodings)  # line 8
+    mse = mean_flat((eps.float() - noise) ** 2)
+    if decoder_loss == "ce":  # KL(one-hot q(x_i) || p_theta(x_i | z_t)) = cross-entropy
+        decoder = F.cross_entropy(pred.float(), target, reduction="none")
+    else:  # Gaussian p_theta(x_i | z_t): the KL is the MSE up to constants
+        decoder = mean_flat((pred.float() - target) ** 2)
+    return {"loss": mse + decoder_weight * decoder, "mse": mse, "decoder": decoder}
+
+
+class Task:
+    """One --setting: how a batch becomes z_0 and the modality x_1, its encoder E_1 and the decoder's target."""
+
+    def __init__(self, args, num_classes, z_shape, device, vae=None, embeddings=None):
+        self.setting, self.num_classes, self.z_shape, self.vae = args.setting, num_classes, z_shape, vae
+        self.decoder_loss = "ce" if args.setting == "image-label" else "mse"
+        self.max_patches, self.patch_size = args.max_patches, patch_size(args.image_size, args.patch_size)
+        self.embeddings = embeddings  # (N, D) on device from --embeddings, or None
+        if args.setting == "image-representation":
+            self.embed_dim = embeddings.shape[1] if embeddings is not None else args.embed_dim
+            self.projection = fixed_projection(self.embed_dim, math.prod(z_shape), args.projection_seed, device)
+            self.demo_projection = fixed_projection(num_classes + 6, self.embed_dim, args.projection_seed + 1, device)
+
+    def prepare(self, batch, device, flip=True):
+        """(z_0, x_1) of a loader batch: flips on-device (pairs flipped together), masks drawn from torch's RNG."""
+        a, b, *index = (v.to(device, non_blocking=True) for v in batch)
+        if flip and self.setting == "translation":
+            a, b = random_hflip(torch.cat([a, b], dim=1)).split(a.shape[1], dim=1)  # one flip for both sides
+        elif flip:
+            a = random_hflip(a)
+        if self.setting == "translation":  # (source, target): generate the target, the source is x_1
+            return to_diffusion_space(b, self.vae), a
+        z0 = to_diffusion_space(a, self.vae)
+        if self.setting in ("masked-image", "restoration"):  # App. E.2: m ~ U{0..10} zeroed patches
+            counts = torch.randint(0, self.max_patches + 1, (a.shape[0],), device=device)
+            return z0, a * patch_keep_mask(counts, self.max_patches, a.shape[-1], self.patch_size)
+        if self.setting == "image-label":
+            return z0, b
+        rows = self.embeddings[index[0]] if self.embeddings is not None else None
+        return z0, rows if rows is not None else demo_embedding(a, b, self.num_classes, self.demo_projection)
+
+    def encode(self, x, unet):
+        """E_1(x_1), Algorithm 2 line 4; never carries a gradient (Fig. 3's stop-gradient)."""
+        shape = (x.shape[0], *self.z_shape)
+        if self.setting == "image-label":
+            return unet_label_encoder(unet, x, shape)
+        if self.setting == "image-representation":
+            return projection_encoder(x, self.projection, shape)
+        return identity_encoder(to_diffusion_space(x, self.vae))
+
+    def target(self, x, encoding):
+        """What D_1 predicts: the label, the embedding, or an image modality in the diffusion space (= E(x))."""
+        return encoding if self.setting in IMAGE_SETTINGS else x
+
+    def init_modality(self, n, generator, device):
+        """Algorithm 1 line 3: a random label or embedding when x_1 is not given."""
+        if self.setting == "image-label":
+            return torch.randint(0, self.num_classes, (n,), generator=generator, device=device)
+        return torch.randn(n, self.embed_dim, generator=generator, device=device)
+
+    def from_head(self, pred):
+        """Algorithm 1 line 10: x_1 re-estimated from the head output (argmax for labels)."""
+        return pred.argmax(dim=1) if self.setting == "image-label" else pred.float()
+
+
+def train(args):
+    rank, world_size, device = init_distributed()
+    if args.global_batch_size % world_size:
+        fail(f"--global-batch-size {args.global_batch_size} is not divisible by the {world_size} processes")
+    batch_size = args.global_batch_size // world_size
+    run = TrainingRun(args, f"mt-{args.setting}-{args.variant}", rank, world_size)
+    dataset, eval_set, task, model, sched = build(args, device)
+    ema = make_ema(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0)
+
+    step = 0
+    ckpt = run.load()
+    if ckpt is not None:
+        load_model_state(model, ckpt["model"], run.resume_path)
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["opt"])
+        step = ckpt["step"]
+    else:
+        ema.load_state_dict(model.state_dict())
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else model
+    loader = infinite_loader(dataset, batch_size, rank, world_size, args.seed, step, args.num_workers, device)
+    run.log(f"MT-Diffusion-{args.variant} {args.setting} ({args.model}, head {type(model.head).__name__} on "
+            f"{model.head_input}): {sum(p.numel() for p in model.parameters()):,} parameters; {len(dataset):,} "
+            f"items; task weights {args.task_weight} (max atilde {float(sched.atilde.max()):.3g}); world size "
+            f"{world_size}, batch {batch_size}/rank; results in {run.dir}")
+    show = next(iter(torch.utils.data.DataLoader(eval_set, batch_size=8)))
+
+    model.train()
+    running = torch.zeros(4, device=device)  # (loss, mse, decoder, count): summed on-device, synced when logging
+    bar = tqdm(total=args.steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
+    while step < args.steps:
+        seed_step(args.seed, rank, step)  # this step's noise, timesteps, flips and masks depend on it alone
+        z0, x = task.prepare(next(loader), device)  # Algorithm 2 line 2
+        encodings = [task.encode(x, model.unet)]  # line 4, no gradient
+        t = torch.randint(0, sched.num_timesteps, (z0.shape[0],), device=device)  # line 3
+        with autocast(device, args.bf16):
+            terms = training_losses(ddp, sched, z0, encodings, task.target(x, encodings[0]), t, task.decoder_loss,
+                                    args.decoder_weight)
+        loss = terms["loss"].mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()  # line 9
+        opt.step()
+        update_ema(ema, model, args.ema_decay)
+        running += torch.stack([loss.detach(), terms["mse"].detach().mean(), terms["decoder"].detach().mean(),
+                                torch.ones((), device=device)])
+        step += 1
+        bar.update(1)
+
+        if step % args.log_every == 0 or step == args.steps:
+            total = all_reduce_mean(running)
+            loss_avg, mse_avg, decoder_avg = (total[:3] / total[3]).tolist()
+            run.log_metrics(step, images_seen=args.global_batch_size, loss=loss_avg, mse=mse_avg, decoder=decoder_avg)
+            running.zero_()
+        stop = run.should_stop(step, device)
+        if step % args.ckpt_every == 0 or step == args.steps or stop:
+            run.save(step, model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict())
+        if rank == 0 and step % args.sample_every == 0 and step != args.steps:
+            sample_grid(args, ema, task, sched, show, os.path.join(run.sample_dir, f"{step:07d}.png"), run.log)
+        if stop:
+            run.log(f"stop signal received: checkpoint at step {step} written, exiting")
+            break
+    bar.close()
+    if world_size > 1:
+        run.log(f"replicas in sync: {replicas_in_sync(model)}")
+    cleanup_distributed()
+    if rank == 0 and step == args.steps:  # rank 0 alone, after the group is gone: long evaluations cannot time out
+        final_evaluation(args, ema, task, sched, eval_set, show, run.dir, step, run.log)
+    return run.dir
+
+
+#################################################################################
+#        6. Settings (Sec. 4, App. E): masks, data, Algorithm 1, evaluation     #
+#################################################################################
+
+SETTINGS = ("masked-image", "restoration", "image-label", "translation", "image-representation")
+IMAGE_SETTINGS = ("masked-image", "restoration", "translation")  # x_1 is an image: identity / VAE encoder
+
+
+def patch_size(image_size, override=None):
+    """App. E.2's 16 px patches at 64 px, scaled with the resolution (side S / 4): m patches then cover the same
+    fraction of the image at every size, and m keeps its range U{0..10} (and 5..20 for Table 1)."""
+    return override or max(1, round(16 * image_size / 64))
+
+
+def patch_keep_mask(counts, max_patches, image_size, patch, generator=None):
+    """(B, 1, S, S) float: 0 inside counts[b] random patches, 1 elsewhere (App. E.2): corner (x, y) uniform over the
+    image, patch x:min(x + p, S), y:min(y + p, S), so patches overlap freely and are clipped at the border."""
+    device = counts.device
+    corners = torch.randint(0, image_size, (counts.shape[0], max_patches, 2), generator=generator, device=device)
+    active = torch.arange(max_patches, device=device) < counts[:, None]  # (B, K): the first counts[b] patches
+    pixels = torch.arange(image_size, device=device)
+    inside = lambda start: (pixels >= start[..., None]) & (pixels < start[..., None] + patch)  # (B, K, S)
+    rows, cols = inside(corners[..., 1]), inside(corners[..., 0])
+    hole = (rows[..., :, None] & cols[..., None, :] & active[..., None, None]).any(dim=1)
+    return (~hole).float()[:, None]
+
+
+class IndexedDataset(torch.utils.data.Dataset):
+    """A dataset's items with their index appended, to look up each image's --embeddings row."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, idx):
+        return (*self.dataset[idx], idx)
+
+
+def task_dataset(args, data, seed=0):
+    """(dataset, num_classes): (image, label) items, or (source, target) pairs for translation. seed picks the
+    synthetic items: seed 1 is the held-out set of a run trained on seed 0."""
+    if args.setting == "translation":
+        if data == "synthetic":  # semantic colour map -> image
+            return SyntheticPairs(10_000, args.image_size, seed, args.num_classes or 4), 0
+        return PairedImages(data, args.image_size, args.paired_layout, args.direction), 0
+    if data == "synthetic":
+        dataset = SyntheticShapes(10_000, args.image_size, seed, args.num_classes or 4)
+        num_classes = dataset.num_classes
+    else:
+        dataset = ImageFolder(data, args.image_size)
+        num_classes = len(dataset.classes)
+    return (IndexedDataset(dataset) if args.embeddings else dataset), num_classes
+
+
+def load_embeddings(path, num_items, device):
+    """--embeddings: an (N, D) .npy array whose row i embeds dataset item i (App. E.4: CLIP image embeddings)."""
+    if not os.path.isfile(path):
+        fail(f"--embeddings '{path}' does not exist; pass an (N, D) .npy file with one row per dataset item")
+    table = np.load(path)
+    if table.ndim != 2 or table.shape[0] != num_items:
+        fail(f"--embeddings '{path}' has shape {table.shape}; expected ({num_items}, D), one row per dataset item "
+             f"in dataset order")
+    return torch.from_numpy(table).float().to(device)
+
+
+def diffusion_shape(args):
+    """(C, H, W) of z: the image, or the SD-VAE latent (4 channels, 8x smaller) with --latent."""
+    return (4, args.image_size // 8, args.image_size // 8) if args.latent else (3, args.image_size, args.image_size)
+
+
+def build(args, device):
+    """Data, task, reverse model and forward schedule of a run (shared by training and --eval-only)."""
+    dataset, num_classes = task_dataset(args, args.data)
+    vae = load_vae(args.vae, device) if args.latent else None
+    embeddings = load_embeddings(args.embeddings, len(dataset), device) if args.embeddings else None
+    z_shape = diffusion_shape(args)
+    task = Task(args, num_classes, z_shape, device, vae, embeddings)
+    torch.manual_seed(args.seed)  # same initial weights on every rank and in every (re)run
+    model = create_mt_model(args, z_shape[0], z_shape[1], num_classes, getattr(task, "embed_dim", 0)).to(device)
+    betas = get_beta_schedule(args.noise_schedule)
+    weights = task_weights(args.task_weight, betas, args.weight_clamp, args.weight_value, args.atilde_max)
+    sched = schedule_to(MTSchedule(betas, weights), device)
+    # held out: synthetic items of another seed or --eval-data; embeddings exist for the training items only
+    eval_set = dataset if args.embeddings else task_dataset(args, args.eval_data or args.data, seed=1)[0]
+    return dataset, eval_set, task, model, sched
+
+
+def sampling_chain(sched, num_steps):
+    """(respaced schedule, kept timesteps) on sched's device, for Algorithm 1 with num_steps steps."""
+    device = sched.betas.device
+    respaced, kept = respace(sched, num_steps)
+    return schedule_to(respaced, device), kept.to(device)
+
+
+@torch.no_grad()
+def mt_sample(model, sched, timestep_map, encodings, shape, generator=None, known=None, task=None, x=None):
+    """Algorithm 1 on a (respaced) chain; returns (z_0, x_1). With task given, x_1 is not initially available: it
+    starts at x (line 3) and is re-estimated from the head at every step (lines 7-10)."""
+    state = {"x": x, "encodings": list(encodings)}
+
+    def eps_fn(z, i):
+        eps, pred = model(z, timestep_map[i], state["encodings"])  # the model runs on the training timestep
+        if task is None:
+            return eps.float()
+        state["x"] = task.from_head(pred)
+        state["encodings"] = [task.encode(state["x"], model.unet)]
+        return eps.float(), state["encodings"]
+
+    z0 = sample_loop(sched, eps_fn, encodings, shape, generator=generator, known=known)
+    return z0, state["x"]
+
+
+def restore(model, task, chain, images, keep, generator=None):
+    """Constrained restoration (Sec. 4.1): z_0 given the masked image x_1 = images * keep, keeping the unmasked
+    region exactly (sample_loop known=); with --latent a latent cell is kept only when all its pixels are."""
+    encoding = task.encode(images * keep, model.unet)
+    factor = images.shape[-1] // encoding.shape[-1]
+    known = keep if factor == 1 else 1 - F.max_pool2d(1 - keep, factor)
+    z0, _ = mt_sample(model, *chain, [encoding], encoding.shape, generator, known=(known, encoding))
+    return to_pixels(z0, task.vae)
+
+
+def psnr_db(a, b, hole=None):
+    """Per-image PSNR in dB of images in [-1, 1] (data range 2), over the pixels where hole = 1 (default all)."""
+    hole = torch.ones_like(a) if hole is None else hole.expand_as(a)
+    mse = ((a - b) ** 2 * hole).sum(dim=(1, 2, 3)) / hole.sum(dim=(1, 2, 3))
+    return 10 * torch.log10(4.0 / mse)
+
+
+def ssim_map(a, b, data_range=2.0):
+    """Per-pixel SSIM (Wang et al. 2004): 11x11 Gaussian window, sigma 1.5, K1 = 0.01, K2 = 0.03, per channel,
+    borders replicated."""
+    g = torch.exp(-(torch.arange(11, device=a.device, dtype=a.dtype) - 5) ** 2 / (2 * 1.5 ** 2))
+    window = (g[:, None] * g[None, :] / g.sum() ** 2).expand(a.shape[1], 1, 11, 11)
+    blur = lambda v: F.conv2d(F.pad(v, (5, 5, 5, 5), mode="replicate"), window, groups=a.shape[1])
+    mu_a, mu_b = blur(a), blur(b)
+    var_a, var_b, cov = blur(a * a) - mu_a ** 2, blur(b * b) - mu_b ** 2, blur(a * b) - mu_a * mu_b
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    return (2 * mu_a * mu_b + c1) * (2 * cov + c2) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+
+
+def restoration_metrics(restored, original, keep):
+    """Per image: PSNR and mean SSIM over the masked pixels (NaN without any) and the largest change of an unmasked
+    pixel, which constrained restoration keeps at exactly 0."""
+    hole = (1 - keep).expand_as(original)
+    ssim = (ssim_map(restored, original) * hole).sum(dim=(1, 2, 3)) / hole.sum(dim=(1, 2, 3))
+    unmasked = ((restored - original).abs() * (1 - hole)).amax(dim=(1, 2, 3))
+    return psnr_db(restored, original, hole), ssim, unmasked
+
+
+@torch.no_grad()
+def sample_grid(args, model, task, sched, show, path, log):
+    """The setting's picture (fixed seed). Masked-image rows: original / masked / restored / generated from a
+    complete mask; translation rows: source / target / generated; joint settings: images (labels in the log)."""
+    device = sched.betas.device
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    chain = sampling_chain(sched, args.num_sampling_steps)
+    a, b = show[0].to(device), show[1].to(device)
+    shape, metrics = (a.shape[0], *task.z_shape), {}
+    was_training = model.training
+    model.eval()
+    if args.setting in ("masked-image", "restoration"):
+        counts = torch.randint(0, args.max_patches + 1, (a.shape[0],), generator=gen, device=device)
+        keep = patch_keep_mask(counts, args.max_patches, a.shape[-1], task.patch_size, gen)
+        restored = restore(model, task, chain, a, keep, gen)
+        blank = task.encode(torch.zeros_like(a), model.unet)  # complete mask: E(X) = 0, z_T ~ N(0, (1 - abar_T) I)
+        rows = [a, a * keep, restored, to_pixels(mt_sample(model, *chain, [blank], shape, gen)[0], task.vae)]
+        psnr, ssim, unmasked = restoration_metrics(restored, a, keep)
+        metrics = dict(psnr_masked=psnr.nanmean(), ssim_masked=ssim.nanmean(), unmasked_max_error=unmasked.max())
+    elif args.setting == "translation":  # Algorithm 1 with the source known
+        generated = to_pixels(mt_sample(model, *chain, [task.encode(a, model.unet)], shape, gen)[0], task.vae)
+        rows, metrics = [a, b, generated], dict(psnr_translation=psnr_db(generated, b).mean())
+    else:  # joint generation: x_1 starts random and follows the head
+        x = task.init_modality(a.shape[0], gen, device)
+        z0, x = mt_sample(model, *chain, [task.encode(x, model.unet)], shape, gen, task=task, x=x)
+        rows = [to_pixels(z0, task.vae)]
+        if args.setting == "image-label":
+            log(f"joint samples: generated labels {x.tolist()}")
+    save_image_grid(torch.cat(rows), path, nrow=a.shape[0])
+    model.train(was_training)
+    metrics = {k: float(v) for k, v in metrics.items()}
+    log(f"sample grid {path}" + "".join(f" {k}={v:.4g}" for k, v in metrics.items()))
+    return metrics
+
+
+def eval_loader(args, eval_set):
+    subset = torch.utils.data.Subset(eval_set, range(min(args.eval_samples, len(eval_set))))
+    return torch.utils.data.DataLoader(subset, batch_size=args.eval_batch_size)
+
+
+@torch.no_grad()
+def head_metrics(args, model, task, sched, eval_set):
+    """D_1 on held-out images at the paper's t = 1 with x_1 unknown (E = 0; w_1 ~ 0, so z_1 barely depends on it):
+    label accuracy, or embedding MSE and cosine similarity."""
+    device = sched.betas.device
+    totals = torch.zeros(3, device=device)
+    for batch in eval_loader(args, eval_set):
+        z0, x = task.prepare(batch, device, flip=False)
+        t, zeros = torch.zeros(z0.shape[0], dtype=torch.long, device=device), torch.zeros_like(z0)
+        _, pred = model(q_sample(sched, z0, [zeros], t), t, [zeros])
+        if task.decoder_loss == "ce":
+            totals[0] += (pred.argmax(dim=1) == x).sum()
+        else:
+            totals[0] += mean_flat((pred - x) ** 2).sum()
+            totals[1] += F.cosine_similarity(pred, x).sum()
+        totals[2] += len(x)
+    if task.decoder_loss == "ce":
+        return {"label_accuracy": float(totals[0] / totals[2])}
+    return {"embedding_mse": float(totals[0] / totals[2]), "embedding_cosine": float(totals[1] / totals[2])}
+
+
+@torch.no_grad()
+def restoration_table(args, model, task, sched, eval_set, lpips=None):
+    """Table 1 protocol: held-out images with exactly m patches for each m of --eval-restoration, restored; mean
+    PSNR / SSIM over the masked pixels, the largest unmasked change, LPIPS(restored) and LPIPS(masked) to the original."""
+    device = sched.betas.device
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    chain = sampling_chain(sched, args.num_sampling_steps)
+    rows = []
+    for m in args.eval_restoration:
+        values = []
+        for batch in eval_loader(args, eval_set):
+            images = batch[0].to(device)
+            keep = patch_keep_mask(torch.full((len(images),), m, device=device), m, images.shape[-1],
+                                   task.patch_size, gen)
+            restored = restore(model, task, chain, images, keep, gen)
+            per_image = list(restoration_metrics(restored, images, keep))
+            if lpips is not None:
+                per_image += [lpips(restored, images), lpips(images * keep, images)]
+            values.append(torch.stack(per_image, dim=1))
+        v = torch.cat(values)
+        row = dict(patches=m, psnr_masked=v[:, 0].nanmean(), ssim_masked=v[:, 1].nanmean(),
+                   unmasked_max_error=v[:, 2].max())
+        if lpips is not None:
+            row.update(lpips=v[:, 3].mean(), lpips_clean_masked=v[:, 4].mean())
+        rows.append({k: float(x) for k, x in row.items()})
+    return rows
+
+
+def final_evaluation(args, model, task, sched, eval_set, show, out_dir, step, log):
+    """After training (or --eval-only): the sample grid, head metrics, and the Table 1 protocol when requested."""
+    model.eval()
+    metrics = sample_grid(args, model, task, sched, show, os.path.join(out_dir, "samples", f"{step:07d}.png"), log)
+    if args.setting in ("image-label", "image-representation"):
+        metrics.update(head_metrics(args, model, task, sched, eval_set))
+    if args.eval_restoration:
+        lpips = None
+        if args.lpips_weights:
+            from eval.lpips import LPIPS
+            lpips = LPIPS(args.lpips_net, args.lpips_backbone, args.lpips_weights).to(sched.betas.device)
+        rows = restoration_table(args, model, task, sched, eval_set, lpips)
+        with open(os.path.join(out_dir, "restoration.csv"), "w") as f:
+            f.write(",".join(rows[0]) + "\n" + "".join(",".join(f"{v:.6g}" for v in r.values()) + "\n" for r in rows))
+        for r in rows:
+            log("restoration " + " ".join(f"{k}={v:.4g}" for k, v in r.items()))
+    with open(os.path.join(out_dir, "eval.csv"), "w") as f:
+        f.write("step,metric,value\n" + "".join(f"{step},{k},{v:.6g}\n" for k, v in metrics.items()))
+    log(f"evaluation at step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    return metrics
+
+
+def evaluate_checkpoint(args):
+    """--eval-only: final_evaluation of --ckpt's EMA weights, into <run>/eval-<step>/ (model flags from the ckpt)."""
+    device = init_distributed()[2]
+    ckpt = load_checkpoint(args.ckpt)
+    run_args = argparse.Namespace(**ckpt["args"])
+    for key in EVAL_FLAGS:  # how to evaluate comes from this command line, what was trained from the checkpoint
+        setattr(run_args, key, getattr(args, key))
+    _, eval_set, task, model, sched = build(run_args, device)
+    load_model_state(model, ckpt["ema"], args.ckpt)
+    out_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(args.ckpt))), f"eval-{ckpt['step']:07d}")
+    os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
+    show = next(iter(torch.utils.data.DataLoader(eval_set, batch_size=8)))
+    final_evaluation(run_args, model, task, sched, eval_set, show, out_dir, ckpt["step"], print)
+    cleanup_distributed()
+    return out_dir
+
+
+#################################################################################
+#                                 7. main                                       #
+#################################################################################
+
+# The paper's runs (App. E: 8 GPUs, batch 64 unless stated; E.2/E.3 lr 7e-5, batch 80/75; E.1 lr 1e-4, batch 32;
+# E.4 lr 1e-5, batch 2048; Table 2 compares at 1M iterations), and a CPU-sized demo on --data synthetic.
+PAPER = dict(steps=1_000_000, global_batch_size=80, lr=7e-5, ema_decay=0.9999, num_workers=4, log_every=100,
+             ckpt_every=50_000, sample_every=10_000)
+PAPER_BY_SETTING = {"image-label": dict(global_batch_size=75), "translation": dict(global_batch_size=32, lr=1e-4),
+                    "image-representation": dict(global_batch_size=2048, lr=1e-5)}
+DEMO = dict(steps=1500, global_batch_size=16, lr=1e-3, ema_decay=0.995, num_workers=0, log_every=50,
+            ckpt_every=500, sample_every=500)
+EVAL_FLAGS = ("num_sampling_steps", "eval_restoration", "eval_samples", "eval_batch_size", "lpips_net",
+              "lpips_backbone", "lpips_weights", "vae", "eval_data", "seed")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--setting", choices=SETTINGS, default="masked-image")
+    p.add_argument("--variant", choices=["U", "X"], default=None,
+                   help="U: eps(z_t, t); X: eps(z_t, X, t), E(X) as extra input channels\n"
+                        "(default X for masked-image / restoration / translation, U otherwise)")
+    p.add_argument("--label-head", choices=["M", "E"], default="M",
+                   help="image-label: M = linear layer on the middle block, E = classifier on the U-Net output")
+    p.add_argument("--model", choices=["ADM", "ADM-S", "ADM-T"], default=None, help="default ADM-T on synthetic")
+    p.add_argument("--task-weight", choices=["paper", "constant", "zero"], default="paper",
+                   help="w_t of Eq. (3): paper t/(T-t) (App. E), constant, or zero (plain DDPM)")
+    p.add_argument("--weight-clamp", type=float, default=1.0, help="clamp of t/(T-t), which is infinite at t = T")
+    p.add_argument("--weight-value", type=float, default=1.0, help="w_t of --task-weight constant")
+    p.add_argument("--atilde-max", type=float, default=1.0,
+                   help="rescale w so that max_t atilde_t is this; 0 keeps the raw weights (atilde ~150-270)")
+    p.add_argument("--decoder-weight", type=float, default=0.1, help="lambda of Eq. (6)")
+    p.add_argument("--noise-schedule", choices=["linear", "cosine"], default=None,
+                   help="default cosine (App. E.2/E.3), linear for translation (E.1)")
+    p.add_argument("--data", default="synthetic", help="'synthetic', a class-folder tree, or image pairs (translation)")
+    p.add_argument("--eval-data", default=None, help="held-out data (default: other synthetic items, or --data)")
+    p.add_argument("--image-size", type=int, default=None, help="pixels (default 32 synthetic, 64 otherwise)")
+    p.add_argument("--num-classes", type=int, default=None, help="synthetic set only (default 4)")
+    p.add_argument("--paired-layout", choices=LAYOUTS, default="side-by-side")
+    p.add_argument("--direction", choices=DIRECTIONS, default="AtoB")
+    p.add_argument("--latent", action="store_true", help="diffuse SD-VAE latents (E = the VAE encoder); needs --vae")
+    p.add_argument("--vae", default=None, help="SD-VAE weights file")
+    p.add_argument("--embeddings", default=None, help="image-representation: (N, D) .npy, row i embeds item i")
+    p.add_argument("--embed-dim", type=int, default=32, help="size of the synthetic demo embedding")
+    p.add_argument("--projection-seed", type=int, default=0, help="seed of the fixed embedding projections")
+    p.add_argument("--max-patches", type=int, default=10, help="training masks: m ~ U{0..max} patches (App. E.2)")
+    p.add_argument("--patch-size", type=int, default=None, help="default image size / 4 (16 px at 64 px)")
+    p.add_argument("--num-sampling-steps", type=int, default=None, help="default 1000 (App. C); 100 on synthetic")
+    p.add_argument("--eval-restoration", default=None,
+                   help="Table 1: comma-separated patch counts (default 5,10,15,20 for --setting restoration)")
+    p.add_argument("--eval-samples", type=int, default=None, help="held-out items evaluated (default 1000; 32 synthetic)")
+    p.add_argument("--eval-batch-size", type=int, default=32)
+    p.add_argument("--lpips-net", choices=["alex", "vgg"], default="alex")
+    p.add_argument("--lpips-backbone", default=None, help="torchvision alexnet / vgg16 .pth (LPIPS)")
+    p.add_argument("--lpips-weights", default=None, help="lpips v0.1 lin weights .pth (LPIPS)")
+    p.add_argument("--eval-only", action="store_true", help="evaluate --ckpt (EMA weights) instead of training")
+    p.add_argument("--ckpt", default=None)
+    add_run_args(p)
+    args = p.parse_args(argv)
+    synthetic = args.data == "synthetic"
+    masked = args.setting in ("masked-image", "restoration")
+    fill_defaults(args, DEMO if synthetic else {**PAPER, **PAPER_BY_SETTING.get(args.setting, {})})
+    args.variant = args.variant or ("X" if args.setting in IMAGE_SETTINGS else "U")
+    args.model = args.model or ("ADM-T" if synthetic else "ADM")
+    args.image_size = args.image_size or (32 if synthetic else 64)
+    args.noise_schedule = args.noise_schedule or ("linear" if args.setting == "translation" else "cosine")
+    args.num_sampling_steps = args.num_sampling_steps or (100 if synthetic else 1000)
+    args.eval_samples = args.eval_samples or (32 if synthetic else 1000)
+    if args.eval_restoration is None and args.setting == "restoration":
+        args.eval_restoration = "5,10,15,20"
+    if args.eval_restoration and not masked:
+        p.error("--eval-restoration needs --setting masked-image or restoration")
+    try:
+        args.eval_restoration = [int(m) for m in args.eval_restoration.split(",")] if args.eval_restoration else []
+    except ValueError:
+        p.error(f"--eval-restoration '{args.eval_restoration}' must be comma-separated patch counts, e.g. 5,10,15,20")
+    if bool(args.lpips_weights) != bool(args.lpips_backbone):
+        p.error("LPIPS needs both --lpips-backbone (torchvision .pth) and --lpips-weights (lpips v0.1 .pth)")
+    if args.embeddings and args.setting != "image-representation":
+        p.error("--embeddings is for --setting image-representation")
+    if args.latent and not args.vae:
+        p.error("--latent needs --vae PATH to the SD-VAE weights (diffusers .bin/.safetensors or LDM .ckpt)")
+    if args.latent and args.image_size % 8:
+        p.error(f"--latent needs --image-size divisible by 8 (the VAE downsamples 8x), got {args.image_size}")
+    if args.task_weight == "paper" and not 0 < args.weight_clamp < float("inf"):
+        p.error(f"--weight-clamp {args.weight_clamp}: t/(T-t) is infinite at t = T; pass a finite clamp > 0")
+    if args.atilde_max < 0 or args.max_patches < 0:
+        p.error("--atilde-max and --max-patches must be >= 0")
+    if args.eval_only and not args.ckpt:
+        p.error("--eval-only needs --ckpt PATH")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    return evaluate_checkpoint(args) if args.eval_only else train(args)
+
+
 if __name__ == "__main__":
-    print("training loop not wired yet")
-    sys.exit(2)
+    main()

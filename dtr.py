@@ -116,35 +116,38 @@ def add_task_routing(model, kind="dtr", beta=0.8, alpha=4.0, seed=0, num_timeste
 #          Representation analysis (Sec. 5.3, Fig. 6): CKA across timesteps     #
 #################################################################################
 
+def centred_gram(X):
+    """Gram matrix K = X X^T of the column-centred (n, d) features: n x n whatever the width d."""
+    X = X - X.mean(0)
+    return X @ X.T
+
+
 def linear_cka(X, Y):
-    """Linear CKA (Kornblith et al. 2019): ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F) on centred (n, d) features."""
-    X, Y = X - X.mean(0), Y - Y.mean(0)
-    return (Y.T @ X).norm() ** 2 / ((X.T @ X).norm() * (Y.T @ Y).norm())
+    """Linear CKA (Kornblith et al. 2019) of (n, d) features: <K_X, K_Y>_F / (||K_X||_F ||K_Y||_F), K centred Grams.
+
+    Equal to ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F) on centred features, but costs n x n, not d x d."""
+    Kx, Ky = centred_gram(X), centred_gram(Y)
+    return (Kx * Ky).sum() / (Kx.norm() * Ky.norm())
 
 
 @torch.no_grad()
 def timestep_cka(model, diffusion, x0, y, timesteps):
     """CKA between each DiT block's outputs at every pair of timesteps (same x0, same noise): [blocks, T', T']."""
-    feats = []  # per timestep: one (B, N*D) matrix per block, in block order
-    hooked = model.router if model.router is not None else None
-    targets = [hooked] if hooked is not None else list(model.blocks)  # a router's outputs are the routed blocks'
-    handles = [m.register_forward_hook(lambda mod, inp, out: feats[-1].append(out.flatten(1).double()))
+    grams = []  # per timestep: the centred Gram matrix of each block's output, in block order
+    targets = [model.router] if model.router is not None else list(model.blocks)  # a router's outputs are its blocks'
+    handles = [m.register_forward_hook(lambda mod, inp, out: grams[-1].append(centred_gram(out.flatten(1).double())))
                for m in targets]
     noise = torch.randn_like(x0)
     model.eval()
     for t in timesteps:
-        feats.append([])
+        grams.append([])
         tt = torch.full((len(x0),), int(t), device=x0.device, dtype=torch.long)
         model(diffusion.q_sample(x0, tt, noise), tt, y)
     for h in handles:
         h.remove()
-    n = len(timesteps)
-    cka = torch.zeros(len(feats[0]), n, n)
-    for b in range(len(feats[0])):
-        for i in range(n):
-            for j in range(i, n):
-                cka[b, i, j] = cka[b, j, i] = linear_cka(feats[i][b], feats[j][b])
-    return cka
+    K = torch.stack([torch.stack(g) for g in grams], dim=1).flatten(2)  # (blocks, T', n*n)
+    K = K / K.norm(dim=2, keepdim=True)
+    return (K @ K.transpose(1, 2)).float().cpu()  # [b, i, j] = CKA of block b between timesteps i and j
 
 
 def save_cka_png(cka, path, scale=8):

@@ -7,8 +7,8 @@ window drifts towards higher channels for noisier tasks (task weights, alpha). N
 
 This file, in the paper's order: (1) routing masks and DTR blocks for DiT and ADM, (2) the loss with optional
 Min-SNR / P2 / ANT-UW weighting, (3) the training loop (DiT train.py conventions), (4) the sampler with the ADM
-`.npz` export, (5) main(). Paper equations that the text extraction lost are stated in SHARED SPEC and were checked
-against byeongjun-park/DTR (`models/taskrouting.py`, `models/DiT/models.py`).
+`.npz` export, (5) main(). Paper equations that the text extraction lost are stated in the project SPEC
+(../shared/SPEC.md) and were checked against byeongjun-park/DTR (`models/taskrouting.py`, `models/DiT/models.py`).
 
     python dtr.py                                                   # tiny DiT + DTR on the synthetic set, CPU
     torchrun --nproc_per_node=8 dtr.py --model DiT-L/2 --data <latent dir> --latent   # the paper's run
@@ -18,20 +18,18 @@ import os
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from PIL import Image
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from ant_clustering import UncertaintyWeighting, cluster_losses, interval_index, stratified_timesteps, uniform_intervals
-from common.builders import (MODEL_NAMES, cfg_label_dropout, create_dataset, create_model, load_vae,
-                             prepare_batch, sample_to_npz, write_sample_grid)
-from common.diffusion import create_diffusion, min_snr_weight, p2_weight
+from ant_clustering import ClusterLoss, UncertaintyWeighting, mse_weight, uniform_intervals
+from common.builders import (add_model_data_args, add_sampling_args, create_dataset, create_model, end_of_step,
+                             finish_args, finish_training, fixed_batch, model_from_checkpoint, resume_training,
+                             sample_main, sampling_kwargs, start_training, training_batch, wrap_ddp)
+from common.diffusion import create_diffusion
 from common.dit import DiT
-from common.train_utils import (TrainingRun, add_run_args, all_reduce_mean, autocast, cleanup_distributed, fail,
-                                fill_defaults, infinite_loader, init_distributed, load_checkpoint, load_model_state,
-                                make_ema, replicas_in_sync, seed_step, update_ema)
+from common.train_utils import (add_run_args, all_reduce_mean, all_reduce_mean_, autocast, fail,
+                                infinite_loader, init_distributed, make_ema, update_ema)
 from common.unet import AttentionBlock, ResBlock
 
 #################################################################################
@@ -100,7 +98,8 @@ def add_task_routing(model, kind="dtr", beta=0.8, alpha=4.0, seed=0, num_timeste
     if kind == "none":
         return model
     if isinstance(model, DiT):
-        model.router = DiTRouter(routing_mask(kind, model.x_embedder.proj.out_channels, num_timesteps, beta, alpha, seed))
+        width = model.x_embedder.proj.out_channels
+        model.router = DiTRouter(routing_mask(kind, width, num_timesteps, beta, alpha, seed))
         return model
     routers = {}  # one mask per channel width, shared by every block of that width
     for module in model.modules():
@@ -161,26 +160,12 @@ def save_cka_png(cka, path, scale=8):
 #                 Loss: eps-MSE + vb, optional task weighting                   #
 #################################################################################
 
-def mse_weights(kind, diffusion, t, min_snr_gamma=5.0, p2_k=1.0, p2_gamma=1.0):
-    """Per-sample weight of the eps-MSE: Min-SNR-gamma or P2 (None for the plain / ANT-UW loss)."""
-    if kind in ("none", "ant-uw"):
-        return None
-    snr_t = torch.as_tensor(diffusion.snr, device=t.device)[t].float()
-    if kind == "min-snr":
-        return min_snr_weight(snr_t, min_snr_gamma)
-    if kind == "p2":
-        return p2_weight(snr_t, p2_k, p2_gamma)
-    raise ValueError(f"unknown loss weighting '{kind}'")
-
-
-def training_loss(diffusion, model, x, y, t, args, uw=None, cluster_of=None):
+def training_loss(diffusion, model, x, y, t, args, uw=None, clusters=None):
     """Scalar loss of one batch: mean of (weighted mse + vb), or ANT-UW over k timestep clusters."""
-    terms = diffusion.training_losses(model, x, t, dict(y=y), mse_weight=mse_weights(
-        args.loss_weight, diffusion, t, args.min_snr_gamma, 1.0, args.p2_gamma))
-    if uw is None:
-        return terms["loss"].mean(), terms
-    losses, present = cluster_losses(terms["loss"], cluster_of[t], len(uw.log_vars))
-    return uw(losses, present), terms
+    kind = "none" if args.loss_weight == "ant-uw" else args.loss_weight
+    weight = mse_weight(kind, diffusion, t, args.min_snr_gamma, 1.0, args.p2_gamma)
+    per_sample = diffusion.training_losses(model, x, t, dict(y=y), mse_weight=weight)["loss"]
+    return per_sample.mean() if uw is None else uw(*clusters(per_sample, t))
 
 
 #################################################################################
@@ -188,96 +173,65 @@ def training_loss(diffusion, model, x, y, t, args, uw=None, cluster_of=None):
 #################################################################################
 
 def train(args):
-    rank, world_size, device = init_distributed()
-    if args.global_batch_size % world_size:
-        fail(f"--global-batch-size {args.global_batch_size} is not divisible by the {world_size} processes")
-    batch_size = args.global_batch_size // world_size
-    run = TrainingRun(args, f"dtr-{args.model}-{args.routing}", rank, world_size)
-    dataset, channels, size, num_classes = create_dataset(args.data, args.image_size, args.num_classes, args.latent)
-    args.input_shape, args.num_classes = [channels, size, size], num_classes  # saved with the args: sampling needs no data
-
+    run, device, batch_size, dataset = start_training(args, f"dtr-{args.model}-{args.routing}")
+    (channels, size, _), num_classes = args.input_shape, args.num_classes
     torch.manual_seed(args.seed)  # same initial weights on every rank and in every (re)run
     model = create_model(args.model, size, channels, num_classes, learn_sigma=True)
     add_task_routing(model, args.routing, args.beta, args.alpha, args.mask_seed).to(device)
     ema = make_ema(model)
     diffusion = create_diffusion("", args.noise_schedule, learn_sigma=True)
-    uw, cluster_of = None, None
+    clusters, uw = None, None
     if args.loss_weight == "ant-uw":  # ANT-UW with timestep clusters, k = 8 (DTR paper, Sec. 5)
-        intervals = uniform_intervals(diffusion.num_timesteps, args.ant_k)
-        cluster_of = interval_index(intervals, diffusion.num_timesteps).to(device)
+        clusters = ClusterLoss(uniform_intervals(diffusion.num_timesteps, args.ant_k)).to(device)
         uw = UncertaintyWeighting(args.ant_k).to(device)
     groups = [{"params": model.parameters()}] + ([uw.param_group(lr=args.uw_lr)] if uw else [])
     opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0)
-
-    step = 0
-    ckpt = run.load()
-    if ckpt is not None:
-        load_model_state(model, ckpt["model"], run.resume_path)
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
-        if uw is not None:
-            uw.load_state_dict(ckpt["uw"])
-        step = ckpt["step"]
+    step = resume_training(run, model, ema, opt, uw=uw)
     # masks are buffers that never change: no need to broadcast them on every forward
-    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-              broadcast_buffers=False) if world_size > 1 else model
-    loader = infinite_loader(dataset, batch_size, rank, world_size, args.seed, step, args.num_workers, device)
+    ddp = wrap_ddp(model, device, run.world_size, broadcast_buffers=False)
+    loader = infinite_loader(dataset, batch_size, run.rank, run.world_size, args.seed, step, args.num_workers, device)
     routers = [m for m in model.modules() if isinstance(m, (DiTRouter, ChannelRouter))]
-    if rank == 0 and routers:
+    if run.rank == 0 and routers:
         save_mask_png(routers[0].mask.cpu(), os.path.join(run.dir, "routing_mask.png"))
     run.log(f"{args.model} + routing={args.routing} (beta={args.beta}, alpha={args.alpha}): "
             f"{sum(p.numel() for p in model.parameters()):,} parameters; {len(dataset):,} training items; "
-            f"world size {world_size}, batch {batch_size}/rank; results in {run.dir}")
+            f"world size {run.world_size}, batch {batch_size}/rank; results in {run.dir}")
     sample_kw = dict(input_shape=(channels, size, size), num_classes=num_classes, device=device,
-                     noise_schedule=args.noise_schedule, num_steps=args.num_sampling_steps, sampler=args.sampler,
-                     cfg_scale=args.cfg_scale, cfg_channels=None if args.cfg_channels == "all" else 3,
-                     vae=load_vae(args.vae, device) if args.latent and args.vae else None)
+                     **sampling_kwargs(args, args.noise_schedule, args.latent, device))
+    running = torch.zeros(2, device=device)  # (sum of losses, count): summed on-device, synced only when logging
+
+    def metrics():
+        total = all_reduce_mean(running).tolist()  # (a single process gets `running` itself back: read it first)
+        running.zero_()
+        extra = {f"uw_weight_{i}": w for i, w in enumerate(uw.weights().tolist())} if uw is not None else {}
+        return dict(loss=total[0] / total[1], **extra)
+
+    def state():
+        extra = {"uw": uw.state_dict()} if uw is not None else {}
+        return dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), **extra)
 
     model.train()
-    running = torch.zeros(2, device=device)  # (sum of losses, count): summed on-device, synced only when logging
-    bar = tqdm(total=args.steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
+    bar = tqdm(total=args.steps, initial=step, disable=run.rank != 0, desc="train", dynamic_ncols=True)
     while step < args.steps:
-        seed_step(args.seed, rank, step)  # this step's noise, timesteps, flips and label drops depend on it alone
-        x, y = prepare_batch(next(loader), device, args.latent)
-        y = cfg_label_dropout(model, y)
-        if uw is not None and batch_size % args.ant_k == 0:
-            t = stratified_timesteps(intervals, batch_size, None, device)  # every cluster in every batch (ANT)
+        x, y = training_batch(loader, model, args, run.rank, step, device)
+        if clusters is not None and batch_size % args.ant_k == 0:
+            t = clusters.sample_timesteps(batch_size)  # every cluster in every batch (ANT)
         else:
             t = torch.randint(0, diffusion.num_timesteps, (batch_size,), device=device)
         with autocast(device, args.bf16):
-            loss, _ = training_loss(diffusion, ddp, x, y, t, args, uw, cluster_of)
+            loss = training_loss(diffusion, ddp, x, y, t, args, uw, clusters)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if uw is not None and world_size > 1:  # the log-variances live outside DDP: average their grads by hand
-            for p in uw.parameters():
-                dist.all_reduce(p.grad)
-                p.grad /= world_size
+        if uw is not None:  # the log-variances live outside DDP: average their grads by hand
+            all_reduce_mean_([p.grad for p in uw.parameters()])
         opt.step()
         update_ema(ema, model, args.ema_decay)
         running += torch.stack([loss.detach().float(), torch.ones((), device=device)])
         step += 1
         bar.update(1)
-
-        if step % args.log_every == 0 or step == args.steps:
-            total = all_reduce_mean(running)
-            extra = {f"uw_weight_{i}": w for i, w in enumerate(uw.weights().tolist())} if uw is not None else {}
-            run.log_metrics(step, images_seen=args.global_batch_size, loss=(total[0] / total[1]).item(), **extra)
-            running.zero_()
-        stop = run.should_stop(step, device)
-        if step % args.ckpt_every == 0 or step == args.steps or stop:
-            run.save(step, model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
-                     **({"uw": uw.state_dict()} if uw is not None else {}))
-        if rank == 0 and (step % args.sample_every == 0 or step == args.steps):
-            write_sample_grid(ema, os.path.join(run.sample_dir, f"{step:07d}.png"), **sample_kw)
-            run.log(f"sample grid {os.path.join(run.sample_dir, f'{step:07d}.png')}")
-        if stop:
-            run.log(f"stop signal received: checkpoint at step {step} written, exiting")
+        if end_of_step(run, args, step, device, ema, sample_kw, metrics, state):
             break
-    bar.close()
-    if world_size > 1:
-        run.log(f"replicas in sync: {replicas_in_sync(model)}")
-    cleanup_distributed()
-    return run.dir
+    return finish_training(run, model, bar)
 
 
 #################################################################################
@@ -286,33 +240,8 @@ def train(args):
 
 def load_trained(ckpt_path, device):
     """(EMA model with its routing rebuilt, training args, checkpoint) from a dtr.py checkpoint."""
-    ckpt = load_checkpoint(ckpt_path)
-    targs = argparse.Namespace(**ckpt["args"])
-    (channels, size, _), num_classes = targs.input_shape, targs.num_classes
-    model = create_model(targs.model, size, channels, num_classes, learn_sigma=True)
-    add_task_routing(model, targs.routing, targs.beta, targs.alpha, targs.mask_seed)
-    load_model_state(model, ckpt["ema"], ckpt_path)
-    return model.to(device).eval(), targs, ckpt
-
-
-def sample(args):
-    """DiT sample_ddp.py for a DTR checkpoint: EMA weights, routing rebuilt from the checkpoint's args."""
-    rank, world_size, device = init_distributed()
-    model, targs, ckpt = load_trained(args.ckpt, device)
-    (channels, size, _), num_classes = targs.input_shape, targs.num_classes
-    if targs.latent and not args.vae:
-        fail("this checkpoint was trained on VAE latents; pass --vae PATH to the SD VAE weights to decode")
-    vae = load_vae(args.vae, device) if targs.latent else None
-    out_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(args.ckpt))),
-                           f"samples-{ckpt['step']:07d}-{args.sampler}{args.num_sampling_steps}-cfg{args.cfg_scale}")
-    path = sample_to_npz(model, out_dir, args.num_samples, args.sample_batch_size, (channels, size, size),
-                         num_classes, device, rank, world_size, args.seed, noise_schedule=targs.noise_schedule,
-                         num_steps=args.num_sampling_steps, sampler=args.sampler, cfg_scale=args.cfg_scale,
-                         cfg_channels=None if args.cfg_channels == "all" else 3, vae=vae, progress=False)
-    if rank == 0:
-        print(f"wrote {path}")
-    cleanup_distributed()
-    return path
+    return model_from_checkpoint(ckpt_path, device, lambda model, targs: add_task_routing(
+        model, targs.routing, targs.beta, targs.alpha, targs.mask_seed))
 
 
 #################################################################################
@@ -321,14 +250,14 @@ def sample(args):
 
 # Defaults: the paper's ImageNet-256 run (App. C) on real data; a CPU-sized demo on --data synthetic.
 PAPER = dict(steps=400_000, global_batch_size=256, lr=1e-4, ema_decay=0.9999, num_workers=4, log_every=100,
-             ckpt_every=50_000, sample_every=10_000)
+             ckpt_every=50_000, sample_every=10_000, image_size=256, num_sampling_steps=250)
 DEMO = dict(steps=800, global_batch_size=32, lr=1e-3, ema_decay=0.995, num_workers=0, log_every=50,
-            ckpt_every=400, sample_every=400)
+            ckpt_every=400, sample_every=400, image_size=32, num_sampling_steps=50)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", default="DiT-Ti/4", help=f"one of {', '.join(MODEL_NAMES)}")
+    add_model_data_args(p)
     p.add_argument("--routing", choices=["dtr", "random", "none"], default="dtr")
     p.add_argument("--beta", type=float, default=0.8, help="fraction of active channels per task")
     p.add_argument("--alpha", type=float, default=4.0, help="window drift exponent (task weights)")
@@ -338,31 +267,10 @@ def parse_args(argv=None):
     p.add_argument("--p2-gamma", type=float, default=1.0)
     p.add_argument("--ant-k", type=int, default=8, help="timestep clusters for ANT-UW")
     p.add_argument("--uw-lr", type=float, default=0.025, help="lr of the ANT-UW log-variances")
-    p.add_argument("--data", default="synthetic", help="'synthetic', an image folder, or a latent dir (--latent)")
-    p.add_argument("--latent", action="store_true", help="--data holds VAE latents (data/extract_latents.py)")
-    p.add_argument("--image-size", type=int, default=None, help="pixels (default 32 synthetic, 256 folders)")
-    p.add_argument("--num-classes", type=int, default=None, help="synthetic set only (default 4)")
-    p.add_argument("--noise-schedule", choices=["linear", "cosine"], default="cosine",
-                   help="paper: cosine (the authors' example script uses linear)")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
-    p.add_argument("--num-sampling-steps", type=int, default=None, help="default 250 (paper); 50 on synthetic")
-    p.add_argument("--cfg-scale", type=float, default=1.5)
-    p.add_argument("--cfg-channels", choices=["3", "all"], default="all",
-                   help="guide all eps channels (DTR upstream) or the first 3 (a DiT leftover)")
-    p.add_argument("--sample-only", action="store_true", help="sample --num-samples from --ckpt, write .npz")
+    add_sampling_args(p)
     p.add_argument("--cka", action="store_true", help="write the Fig. 6 CKA heat-maps of --ckpt and exit")
-    p.add_argument("--ckpt", default=None)
-    p.add_argument("--num-samples", type=int, default=50_000)
-    p.add_argument("--sample-batch-size", type=int, default=32)
-    p.add_argument("--vae", default=None, help="SD VAE weights (latent checkpoints)")
     add_run_args(p)
-    args = p.parse_args(argv)
-    if args.model not in MODEL_NAMES:
-        p.error(f"unknown --model '{args.model}'; choose one of: {', '.join(MODEL_NAMES)}")
-    synthetic = args.data == "synthetic"
-    fill_defaults(args, DEMO if synthetic else PAPER)
-    args.image_size = args.image_size or (32 if synthetic else 256)
-    args.num_sampling_steps = args.num_sampling_steps or (50 if synthetic else 250)
+    args = finish_args(p, p.parse_args(argv), DEMO, PAPER)
     if (args.sample_only or args.cka) and not args.ckpt:
         p.error("--sample-only and --cka need --ckpt PATH")
     return args
@@ -375,8 +283,7 @@ def cka_analysis(args, num_images=64, num_timesteps=20):
     if not isinstance(model, DiT):
         fail("--cka analyses DiT blocks (as the paper's Fig. 6); this checkpoint is an ADM U-Net")
     dataset, *_ = create_dataset(targs.data, targs.image_size, targs.num_classes, targs.latent)
-    batch = next(infinite_loader(dataset, min(num_images, len(dataset)), 0, 1, 0, 0))
-    x, y = prepare_batch(batch, device, targs.latent, flip=False)
+    x, y = fixed_batch(dataset, num_images, device, targs.latent)
     timesteps = np.linspace(0, 999, num_timesteps).round().astype(int)
     cka = timestep_cka(model, create_diffusion("", targs.noise_schedule), x, y, timesteps)
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(args.ckpt))), f"cka-{ckpt['step']:07d}.png")
@@ -389,7 +296,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.cka:
         return cka_analysis(args)
-    return sample(args) if args.sample_only else train(args)
+    return sample_main(args, load_trained) if args.sample_only else train(args)  # routing rebuilt, EMA weights
 
 
 if __name__ == "__main__":

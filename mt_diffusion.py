@@ -1,14 +1,10 @@
-"""MT-Diffusion: "Diffusion Models for Multi-Task Generative Modeling" (Chen et al., ICLR 2024).
+"""MT-Diffusion: "Diffusion Models for Multi-Modal Generative Modeling" (Chen et al., ICLR 2024).
 
-A DDPM whose forward chain also injects encoded task data X = {x_1..x_N}: every step adds
-sum_i w_t^(i) E_i(x_i) to the mean (Eq. 3), so the marginal z_t carries atilde_t^(i) E_i(x_i) (Eq. 4) and the
-reverse mean subtracts w_t^(i) E_i(x_i) again (Eq. 5). Notation: alpha_t = 1 - beta_t, abar_t = prod_{s<=t} alpha_s,
-the paper's timestep t runs 1..T; in code every table and every `t` tensor holds the 0-based index t - 1 (as in
-ADM / DiT), so `sched.alphas[i]` is alpha_{i+1} and index 0 is the paper's first noising step t = 1. Theorem 2 has
-typos; the closed forms here follow the project SPEC ("MT-Diffusion" section), and each comment names the equation it
-implements. This file holds (1) the forward aggregation: task-weight schedules, the atilde recursion, q(z_t | z_0, X)
-and one Markov step, and (2) the reverse process: the posterior in x0- and eps-form, one ancestral step, the prior
-at T and the sampling loop with optional constrained restoration. No official code exists; this is the reference.
+A DDPM whose forward chain also injects encoded task data X = {x_1..x_N}: every step adds sum_i w_t^(i) E_i(x_i)
+to the mean (Eq. 3), so the marginal z_t carries atilde_t^(i) E_i(x_i) (Eq. 4) and the reverse mean subtracts
+w_t^(i) E_i(x_i) again (Eq. 5). Notation: alpha_t = 1 - beta_t, abar_t = prod_{s<=t} alpha_s; the paper's t runs
+1..T, every table and `t` tensor here holds the 0-based index t - 1 (ADM / DiT), so `sched.alphas[0]` is alpha_1.
+Theorem 2 has typos: the closed forms follow the project SPEC ("MT-Diffusion"). No official code exists.
 """
 import argparse
 import copy
@@ -22,7 +18,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from common.builders import ADM_CONFIGS, ADM_SMALL
+from common.builders import ADM_CONFIGS, ADM_SMALL, load_vae
 from common.diffusion import get_beta_schedule, mean_flat, space_timesteps
 from common.train_utils import (TrainingRun, add_run_args, all_reduce_mean, autocast, cleanup_distributed, fail,
                                 fill_defaults, infinite_loader, init_distributed, load_checkpoint, load_model_state,
@@ -41,22 +37,15 @@ def task_weight_schedule(kind, num_timesteps, clamp=1.0, value=1.0):
     """Task weights w with w[t-1] = w_t for t = 1..T (float64): 'paper', 'constant' (w_t = value) or 'zero' (DDPM)."""
     T = num_timesteps
     if kind == "paper":
-        # Appendix E: w_t = t / (T - t) keeps heterogeneous tasks out of the small-t (nearly clean) steps. It reaches
-        # 1 at t = T/2, is T - 1 at t = T - 1 and T/0 at t = T, so it must be clamped. Default clamp = 1.0: the task
-        # term then never outweighs z_{t-1} in the mean sqrt(alpha_t) (z_{t-1} + w_t E) and the tail equals the
-        # appendix's own special case w_t = 1 (Eq. 8), so atilde_t stays below the w = 1 value, roughly
-        # sqrt(alpha)/(1 - sqrt(alpha)) ~ 2/beta_t. Measured at T = 1000, max_t atilde_t (t of the max):
-        #   clamp     0.01      0.1       1.0        10
-        #   linear    2.4(415)  22(446)   147(672)   845(1000)
-        #   cosine    4.2(629)  40(645)   268(746)   726(927)
-        # atilde is O(100) mid-chain even for t <= T/2, where no clamp acts: the injection accumulates over the
-        # ~2/beta_t steps the chain remembers. The clamp only bounds the tail; smaller values shrink everything.
+        # App. E: w_t = t / (T - t), small at small t so heterogeneous tasks stay out of the nearly clean steps. It
+        # is 1 at t = T/2 and infinite at t = T, hence the clamp (default 1: the tail is then App. E's w_t = 1 case).
+        # Even so atilde_t (Eq. 4) reaches ~150 (linear) / ~270 (cosine) at T = 1000: the injection accumulates
+        # over the ~2/beta_t steps the chain remembers. `task_weights` rescales it (--atilde-max).
         if clamp is None or not 0 < clamp < float("inf"):
             raise ValueError(f"clamp={clamp}: the 'paper' task weights t/(T-t) are infinite at t = T; pass a finite "
                              f"clamp > 0, e.g. clamp=1.0")
         t = torch.arange(1, T + 1, dtype=torch.float64)
-        ratio = torch.where(t < T, t / (T - t).clamp(min=1), torch.full_like(t, float("inf")))
-        return ratio.clamp(max=clamp)
+        return torch.where(t < T, t / (T - t).clamp(min=1), torch.full_like(t, float("inf"))).clamp(max=clamp)
     if kind == "constant":
         return torch.full((T,), float(value), dtype=torch.float64)
     if kind == "zero":
@@ -72,13 +61,11 @@ def aggregation_coefficients(alphas, w):
         raise ValueError(f"alphas must be 1-D [T], got shape {tuple(alphas.shape)}")
     if w.dim() not in (1, 2) or w.shape[0] != alphas.shape[0]:
         raise ValueError(f"w must be shaped [T] or [T, M] with T = {alphas.shape[0]}, got {tuple(w.shape)}")
-    atilde = torch.empty_like(w)
-    atilde_prev = torch.zeros_like(w[0])  # atilde_0 = 0
+    atilde, prev = torch.empty_like(w), torch.zeros_like(w[0])  # atilde_0 = 0
     for i in range(alphas.shape[0]):  # i = t - 1
-        # Eq. (4), corrected as in the appendix derivation (Theorem 2 writes sqrt(abar_t), a typo; SPEC):
-        # atilde_t = sqrt(alpha_t) * (w_t + atilde_{t-1})  <=>  atilde_t = sum_{s<=t} w_s prod_{r=s..t} sqrt(alpha_r)
-        atilde_prev = alphas[i].sqrt() * (w[i] + atilde_prev)
-        atilde[i] = atilde_prev
+        # Eq. (4) as derived in the appendix (Theorem 2's sqrt(abar_t) is a typo; SPEC):
+        # atilde_t = sqrt(alpha_t) (w_t + atilde_{t-1})  <=>  atilde_t = sum_{s<=t} w_s prod_{r=s..t} sqrt(alpha_r)
+        prev = atilde[i] = alphas[i].sqrt() * (w[i] + prev)
     return atilde
 
 
@@ -90,43 +77,40 @@ class MTSchedule:
         if betas.dim() != 1 or not bool(((betas > 0) & (betas < 1)).all()):
             raise ValueError("betas must be a 1-D array with 0 < beta < 1; use common.diffusion.get_beta_schedule")
         w = torch.as_tensor(w, dtype=torch.float64)
-        w = w[:, None] if w.dim() == 1 else w  # [T] = one weight shared by every modality
-        self.num_timesteps = betas.shape[0]
-        self.betas = betas
-        self.alphas = 1.0 - betas
+        self.w = w[:, None] if w.dim() == 1 else w  # (T, M); one column = one weight shared by every modality
+        self.num_timesteps, self.betas, self.alphas = betas.shape[0], betas, 1.0 - betas
         self.alphas_cumprod = torch.cumprod(self.alphas, 0)  # abar_t
-        abar_0 = torch.ones(1, dtype=torch.float64)
-        self.alphas_cumprod_prev = torch.cat([abar_0, self.alphas_cumprod[:-1]])  # abar_{t-1}
-        self.w = w  # (T, M)
-        self.atilde = aggregation_coefficients(self.alphas, w)  # (T, M), Eq. (4)
-        self.atilde_prev = torch.cat([torch.zeros_like(w[:1]), self.atilde[:-1]])  # atilde_{t-1}, atilde_0 = 0
+        self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
+        self.atilde = aggregation_coefficients(self.alphas, self.w)  # (T, M), Eq. (4)
+        self.atilde_prev = torch.cat([torch.zeros_like(self.w[:1]), self.atilde[:-1]])  # atilde_0 = 0
         # Eq. (5): beta_tilde_t = (1 - alpha_t)(1 - abar_{t-1}) / (1 - abar_t); zero at t = 1
         self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
 
-    @property
-    def num_modalities(self):
-        return self.w.shape[1]
+    def to(self, device):
+        """Move every table to device once (no host-to-device copy per sampling step)."""
+        for name, value in vars(self).items():
+            if torch.is_tensor(value):
+                setattr(self, name, value.to(device))
+        return self
 
 
 def _extract(table, t, like):
     """table[t] for 0-based indices t (B,), cast to like's dtype and shaped (B, 1, ..., 1) to broadcast (ADM style)."""
-    values = table.to(t.device)[t].to(like.dtype)
-    return values.reshape(t.shape[0], *([1] * (like.dim() - 1)))
+    return table.to(t.device)[t].to(like.dtype).reshape(t.shape[0], *([1] * (like.dim() - 1)))
 
 
 def _aggregate(table, t, encodings, like):
     """sum_i table[t, i] * E_i for a (T, M) table (w, atilde, ...); zero when there are no encodings."""
-    encodings = list(encodings)
-    num_columns = table.shape[1]
-    if encodings and num_columns != 1 and len(encodings) != num_columns:
-        raise ValueError(f"got {len(encodings)} encodings but the task weights have {num_columns} columns; pass one "
+    encodings, columns = list(encodings), table.shape[1]
+    if encodings and columns != 1 and len(encodings) != columns:
+        raise ValueError(f"got {len(encodings)} encodings but the task weights have {columns} columns; pass one "
                          f"encoding per modality or a [T] weight shared by all")
     total = torch.zeros_like(like)
     for i, encoding in enumerate(encodings):
         if encoding.shape != like.shape:
             raise ValueError(f"encoding {i} has shape {tuple(encoding.shape)}, expected {tuple(like.shape)} (E_i(x_i) "
                              f"must live in the diffusion space of z)")
-        total = total + _extract(table[:, i if num_columns > 1 else 0], t, like) * encoding
+        total = total + _extract(table[:, i if columns > 1 else 0], t, like) * encoding
     return total
 
 
@@ -139,9 +123,8 @@ def q_mean_variance(sched, z0, encodings, t):
 def q_sample(sched, z0, encodings, t, noise=None):
     """z_t = sqrt(abar_t) z_0 + sum_i atilde_t^(i) E_i + sqrt(1 - abar_t) eps, Eq. (4); t is the 0-based index (B,)."""
     noise = torch.randn_like(z0) if noise is None else noise
-    return (_extract(sched.alphas_cumprod.sqrt(), t, z0) * z0
-            + _aggregate(sched.atilde, t, encodings, z0)
-            + _extract((1.0 - sched.alphas_cumprod).sqrt(), t, z0) * noise)
+    mean, variance = q_mean_variance(sched, z0, encodings, t)
+    return mean + variance.sqrt() * noise
 
 
 def forward_step(sched, z_prev, encodings, t, noise=None):
@@ -151,21 +134,47 @@ def forward_step(sched, z_prev, encodings, t, noise=None):
     return mean + _extract((1.0 - sched.alphas).sqrt(), t, z_prev) * noise
 
 
+def respace(sched, num_steps):
+    """(chain, kept): the Markov chain of sched observed at num_steps kept 0-based timesteps (ADM's respacing
+    extended to Eq. 3/4), and the kept indices. Keeping w_t at the kept steps (as DDPM keeps beta_t) would be wrong:
+    the skipped steps inject task data too. Composing Eq. (3) from k_{i-1} to k_i gives one step of the same form,
+      z_{k_i} = sqrt(alpha'_i) (z_{k_{i-1}} + w'_i E) + sqrt(1 - alpha'_i) eps,  alpha'_i = abar_{k_i} / abar_{k_{i-1}},
+      w'_i = atilde_{k_i} / sqrt(alpha'_i) - atilde_{k_{i-1}}   (Eq. 4 recursion solved for w),
+    so the new chain has abar' = abar[kept] and atilde' = atilde[kept], and Eq. (5) holds on it unchanged."""
+    kept = sorted(space_timesteps(sched.num_timesteps, str(num_steps)))
+    if kept[-1] != sched.num_timesteps - 1:  # the prior (prior_sample) is the marginal at T only
+        raise ValueError(f"respacing to {num_steps} steps drops t = T; use at least 2 sampling steps")
+    kept = torch.tensor(kept, device=sched.betas.device)
+    abar, atilde = sched.alphas_cumprod[kept], sched.atilde[kept]
+    alphas = abar / torch.cat([abar.new_ones(1), abar[:-1]])
+    w = atilde / alphas.sqrt()[:, None] - torch.cat([torch.zeros_like(atilde[:1]), atilde[:-1]])
+    return MTSchedule(1.0 - alphas, w).to(sched.betas.device), kept
+
+
+def task_weights(kind, betas, clamp=1.0, value=1.0, atilde_max=1.0):
+    """w_t of Eq. (3) for --task-weight, rescaled so that max_t atilde_t = atilde_max (atilde is linear in w)."""
+    # The raw paper weights make z_t ~99% injected signal mid-chain (atilde ~150-270 vs. noise std <= 1), so the eps
+    # target drowns (in bf16 the resolution of a value ~270 is ~1, the size of the noise). Rescaling keeps the
+    # shape t / (T - t) and puts atilde_t E in O(1). atilde_max = 0 keeps the raw weights.
+    w = task_weight_schedule(kind, len(betas), clamp=clamp, value=value)
+    if atilde_max and kind != "zero":
+        w = w * (atilde_max / aggregation_coefficients(1.0 - torch.as_tensor(betas), w).max())
+    return w
+
+
 #################################################################################
 #                  2. Reverse process: Eq. (5), Algorithm 1                     #
 #################################################################################
 
 def q_posterior(sched, z0, z_t, encodings, t):
     """Mean and variance of q(z_{t-1} | z_t, z_0, X) (x0-form of Eq. 5), by Gaussian conditioning."""
-    # Prior z_{t-1} ~ N(m, (1 - abar_{t-1}) I) with m = sqrt(abar_{t-1}) z_0 + atilde_{t-1} E (Eq. 4), likelihood
-    # z_t | z_{t-1} ~ N(sqrt(alpha_t) (z_{t-1} + w_t E), (1 - alpha_t) I) (Eq. 3). Precisions add:
-    #   1/(1 - abar_{t-1}) + alpha_t/(1 - alpha_t) = (1 - abar_t) / ((1 - alpha_t)(1 - abar_{t-1}))
-    #   =>  var = beta_tilde_t
-    #   mean = [ sqrt(abar_{t-1}) (1 - alpha_t) z_0 + sqrt(alpha_t) (1 - abar_{t-1}) z_t
-    #            + sum_i ((1 - alpha_t) atilde_{t-1}^(i) - alpha_t (1 - abar_{t-1}) w_t^(i)) E_i ] / (1 - abar_t)
-    # With atilde_{t-1} = atilde_t / sqrt(alpha_t) - w_t the E coefficient is Eq. (5)'s
-    # (1 - alpha_t) atilde_t / sqrt(alpha_t) - (1 - abar_t) w_t; Eq. (5)'s z_t coefficient sqrt(abar_t)(1 - abar_{t-1})
-    # is a typo for sqrt(alpha_t)(1 - abar_{t-1}). With E = 0 this is the DDPM posterior (Ho et al. Eq. 7).
+    # Prior z_{t-1} ~ N(m, (1 - abar_{t-1}) I), m = sqrt(abar_{t-1}) z_0 + atilde_{t-1} E (Eq. 4); likelihood
+    # z_t | z_{t-1} ~ N(sqrt(alpha_t)(z_{t-1} + w_t E), (1 - alpha_t) I) (Eq. 3). Precisions add to
+    # (1 - abar_t) / ((1 - alpha_t)(1 - abar_{t-1})), so var = beta_tilde_t and
+    #   mean = [sqrt(abar_{t-1})(1 - alpha_t) z_0 + sqrt(alpha_t)(1 - abar_{t-1}) z_t
+    #           + sum_i ((1 - alpha_t) atilde_{t-1}^(i) - alpha_t (1 - abar_{t-1}) w_t^(i)) E_i] / (1 - abar_t).
+    # With atilde_{t-1} = atilde_t / sqrt(alpha_t) - w_t the E coefficient is Eq. (5)'s; Eq. (5)'s z_t coefficient
+    # sqrt(abar_t)(1 - abar_{t-1}) is a typo for sqrt(alpha_t)(1 - abar_{t-1}). E = 0 gives DDPM's posterior.
     alpha, abar, abar_prev = sched.alphas, sched.alphas_cumprod, sched.alphas_cumprod_prev
     coef_z0 = abar_prev.sqrt() * (1.0 - alpha) / (1.0 - abar)
     coef_zt = alpha.sqrt() * (1.0 - abar_prev) / (1.0 - abar)
@@ -191,11 +200,18 @@ def posterior_mean_variance(sched, z_t, eps, encodings, t):
     return mean, _extract(sched.posterior_variance, t, z_t).expand_as(z_t)
 
 
-def reverse_step(sched, z_t, eps, encodings, t, noise=None):
-    """Algorithm 1 line 12: z_{t-1} = mu(z_t, eps) + sqrt(beta_tilde_t) * noise, no noise at the last step (t = 1)."""
+def reverse_step(sched, z_t, eps, encodings, t, noise=None, clip_denoised=False):
+    """Algorithm 1 line 12: z_{t-1} = mu(z_t, eps) + sqrt(beta_tilde_t) * noise, no noise at the last step (t = 1).
+    clip_denoised: ADM's clip_denoised, mu from the x0-form of Eq. (5) with z_0 = Eq. (10) clamped to [-1, 1]."""
     # The paper writes "+ beta_tilde_t eps" and (1 - alpha_t)/sqrt(1 - alpha_t); SPEC: the std is sqrt(beta_tilde_t)
-    # and the eps coefficient is (1 - alpha_t)/sqrt(1 - abar_t), as in Eq. (5).
-    mean, variance = posterior_mean_variance(sched, z_t, eps, encodings, t)
+    # and the eps coefficient is (1 - alpha_t)/sqrt(1 - abar_t), as in Eq. (5). Both forms agree unless the clamp
+    # acts; without it the 1/sqrt(alpha'_t) of a respaced cosine chain's last steps (alpha' ~ 0.03) amplifies the
+    # eps error of an undertrained model into colour noise (measured: masked-region PSNR 4.9 dB vs 16.9 dB clamped).
+    if clip_denoised:
+        z0 = predict_z0_from_eps(sched, z_t, eps, encodings, t).clamp(-1, 1)
+        mean, variance = q_posterior(sched, z0, z_t, encodings, t)
+    else:
+        mean, variance = posterior_mean_variance(sched, z_t, eps, encodings, t)
     noise = torch.randn_like(z_t) if noise is None else noise
     not_last = (t != 0).to(z_t.dtype).reshape(t.shape[0], *([1] * (z_t.dim() - 1)))  # Algorithm 1 line 6
     return mean + not_last * variance.sqrt() * noise
@@ -207,145 +223,73 @@ def prior_sample(sched, encodings, shape, generator=None, device=None, dtype=Non
     # dropped: z_0 is unknown and abar_T ~ 4e-5 (linear, T = 1000), as in DDPM.
     encodings = list(encodings)
     if encodings:
-        device = encodings[0].device if device is None else device
-        dtype = encodings[0].dtype if dtype is None else dtype
+        device, dtype = device or encodings[0].device, dtype or encodings[0].dtype
     noise = torch.randn(shape, generator=generator, device=device, dtype=dtype or torch.get_default_dtype())
     t_last = torch.full((shape[0],), sched.num_timesteps - 1, dtype=torch.long, device=noise.device)
-    mean = _aggregate(sched.atilde, t_last, encodings, noise)
-    return mean + _extract((1.0 - sched.alphas_cumprod).sqrt(), t_last, noise) * noise
+    mean, variance = q_mean_variance(sched, torch.zeros_like(noise), encodings, t_last)
+    return mean + variance.sqrt() * noise
 
 
-def sample_loop(sched, eps_fn, encodings, shape, generator=None, progress=False, known=None):
+def sample_loop(sched, eps_fn, encodings, shape, generator=None, known=None, clip_denoised=False):
     """Algorithm 1: ancestral sampling z_T -> z_0 with eps_fn(z_t, t_index) -> eps_hat; returns z_0.
 
-    eps_fn may instead return (eps_hat, new_encodings) to re-estimate E(X) from the model's task heads
-    (Algorithm 1 lines 7-10); the step itself uses the encodings from before the update, the next step the new ones.
-    known = (mask, z0_known) does constrained restoration ("keep unmasked pixels", Section 4.1): mask is 1 where z0
-    is known. After every step the known region of z_{t-1} is replaced by a fresh forward sample
-    q(z_{t-1} | z0_known, X) (Eq. 4) and, after the last step, by z0_known itself, so it is kept exactly.
+    eps_fn may instead return (eps_hat, new_encodings) to re-estimate E(X) from the task heads (Algorithm 1 lines
+    7-10); the step itself uses the encodings from before the update, the next step the new ones.
+    known = (mask, z0_known), constrained restoration (Sec. 4.1, mask 1 where z0 is known): the paper gives no
+    mechanism (App. E.2 only says the -X model learns to keep the unmasked region), so we replace the known region
+    of z_{t-1} after every step by a fresh sample of its forward marginal q(z_{t-1} | z0_known, X) (Eq. 4), as in
+    RePaint's replacement, and by z0_known itself after the last step: it is kept exactly.
     """
-    encodings = list(encodings)
-    if known is not None:
-        mask, z0_known = known
-        if tuple(z0_known.shape) != tuple(shape):
-            raise ValueError(f"known z0 has shape {tuple(z0_known.shape)}, expected the sample shape {tuple(shape)}")
-        if not bool(((mask == 0) | (mask == 1)).all()):
-            raise ValueError("known mask must hold only 0 (generate) and 1 (keep); threshold it first")
-        mask = mask.to(torch.bool)
-        device, dtype = z0_known.device, z0_known.dtype
-    else:
-        device = encodings[0].device if encodings else None
-        dtype = encodings[0].dtype if encodings else None
-    z = prior_sample(sched, encodings, shape, generator=generator, device=device, dtype=dtype)
+    encodings, (mask, z0_known) = list(encodings), known or (None, None)
+    if known is not None and tuple(z0_known.shape) != tuple(shape):
+        raise ValueError(f"known z0 has shape {tuple(z0_known.shape)}, expected the sample shape {tuple(shape)}")
+    if known is not None and not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("known mask must hold only 0 (generate) and 1 (keep); threshold it first")
+    mask = mask.bool() if known is not None else None
+    like = z0_known if known is not None else (encodings[0] if encodings else torch.empty(0))
+    z = prior_sample(sched, encodings, shape, generator, like.device, like.dtype)
     randn = lambda: torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
 
-    def keep_known(z, index):  # replace the known region by its forward marginal at 0-based `index` (-1 = z_0)
-        if known is None:
-            return z
-        if index < 0:
-            return torch.where(mask, z0_known, z)
+    def keep_known(z, index):  # the known region at 0-based `index`: its forward marginal, or z0 itself at -1
+        if known is None or index < 0:
+            return z if known is None else torch.where(mask, z0_known, z)
         level = torch.full((shape[0],), index, dtype=torch.long, device=z.device)
-        return torch.where(mask, q_sample(sched, z0_known, encodings, level, noise=randn()), z)
+        return torch.where(mask, q_sample(sched, z0_known, encodings, level, randn()), z)
 
     z = keep_known(z, sched.num_timesteps - 1)
-    indices = range(sched.num_timesteps - 1, -1, -1)
-    if progress:
-        from tqdm.auto import tqdm  # optional dependency, only for the progress bar
-        indices = tqdm(indices)
-    for i in indices:
+    for i in range(sched.num_timesteps - 1, -1, -1):
         t = torch.full((shape[0],), i, dtype=torch.long, device=z.device)
         out = eps_fn(z, t)
         eps, new_encodings = out if isinstance(out, tuple) else (out, None)
-        z = reverse_step(sched, z, eps, encodings, t, noise=randn())
-        if new_encodings is not None:
-            encodings = list(new_encodings)
-        z = keep_known(z, i - 1)
+        z = keep_known(reverse_step(sched, z, eps, encodings, t, randn(), clip_denoised), i - 1)
+        encodings = list(new_encodings) if new_encodings is not None else encodings
     return z
-
-
-def respace(sched, num_steps):
-    """A num_steps chain with the marginals (abar_t, atilde_t) of sched at the kept timesteps; returns it and the
-    kept 0-based indices (ADM respace.py extended to Eq. 4): alpha'_i = abar_{k_i} / abar_{k_{i-1}} and, solving the
-    recursion of Eq. (4) for w, w'_i = atilde_{k_i} / sqrt(alpha'_i) - atilde_{k_{i-1}} (>= 0)."""
-    kept = torch.tensor(sorted(space_timesteps(sched.num_timesteps, str(num_steps))))
-    abar, atilde = sched.alphas_cumprod.cpu()[kept], sched.atilde.cpu()[kept]
-    alphas = abar / torch.cat([abar.new_ones(1), abar[:-1]])
-    w = atilde / alphas.sqrt()[:, None] - torch.cat([torch.zeros_like(atilde[:1]), atilde[:-1]])
-    return MTSchedule(1.0 - alphas, w), kept
-
-
-def schedule_to(sched, device):
-    """Move every table of an MTSchedule to device once (so _extract does no host-to-device copy per step)."""
-    for name, value in vars(sched).items():
-        if torch.is_tensor(value):
-            setattr(sched, name, value.to(device))
-    return sched
-
-
-def task_weights(kind, betas, clamp=1.0, value=1.0, atilde_max=1.0):
-    """w_t of Eq. (3) for --task-weight, rescaled so that max_t atilde_t = atilde_max (atilde is linear in w)."""
-    # Measured (see the report / README): the raw paper weights give atilde_t ~ 150 (linear) / 270 (cosine)
-    # mid-chain, so z_t is ~99% injected signal: the eps target drowns (bf16 keeps 8 mantissa bits: at 270 its
-    # resolution is ~1, the size of the noise itself). Rescaling keeps the paper's shape t / (T - t) and puts
-    # atilde_t E in O(1).
-    w = task_weight_schedule(kind, len(betas), clamp=clamp, value=value)
-    if atilde_max and kind != "zero":
-        w = w * (atilde_max / aggregation_coefficients(1.0 - torch.as_tensor(betas), w).max())
-    return w
 
 
 #################################################################################
 #            3. Encoders E_i: stop-gradient maps into the diffusion space       #
 #################################################################################
 
-def identity_encoder(x):
-    """Fig. 3 choice 1: a modality already in the diffusion space (masked image, paired image) is its own E(x)."""
-    return x
-
-
 @torch.no_grad()
 def unet_label_encoder(unet, y, shape):
     """Fig. 3 choice 3 / App. E.3: E(y) = the shared U-Net's output for a zero image at t = 0 with y through the
-    class embedding (our ADM U-Net has no cross-attention), under no_grad: a stop-gradient view of the reverse model."""
+    class embedding (our ADM U-Net has no cross-attention). no_grad = Fig. 3's stop-gradient; eval mode so that E
+    is a deterministic function of y (no dropout)."""
+    was_training = unet.training
     zeros = torch.zeros(shape[0], unet.in_channels, *shape[2:], device=y.device)
-    return unet(zeros, torch.zeros_like(y), y)[:, :shape[1]].float()
-
-
-@torch.no_grad()
-def projection_encoder(embedding, projection, shape):
-    """E(e) = P^T (e / |e|) reshaped to z's shape, P a fixed seeded N(0, 1) matrix: entries of E are ~N(0, 1).
-    A parameter-free stand-in for App. E.4's cross-attention route, which the ADM U-Net lacks."""
-    return (F.normalize(embedding.float(), dim=1) @ projection).reshape(shape)
-
-
-def fixed_projection(rows, columns, seed, device):
-    """A (rows, columns) N(0, 1) matrix drawn from seed alone: every run, rank and resume rebuilds the same one."""
-    return torch.randn(rows, columns, generator=torch.Generator().manual_seed(seed)).to(device)
-
-
-def load_vae(path, device):
-    """The frozen SD-VAE of --latent (App. E.1 uses LDM's kl-f8 encoder as E): weights from a local file."""
-    if not path or not os.path.isfile(path):
-        fail(f"--latent needs --vae PATH to local SD-VAE weights (diffusers .bin/.safetensors or LDM .ckpt); "
-             f"got {path!r}")
-    from common.vae import AutoencoderKL
-    return AutoencoderKL.from_pretrained_file(path).to(device).eval().requires_grad_(False)
+    out = unet.eval()(zeros, torch.zeros_like(y), y)[:, :shape[1]].float()
+    unet.train(was_training)
+    return out
 
 
 def to_diffusion_space(images, vae):
-    """Pixels in [-1, 1] -> diffusion space: identity, or 0.18215 * VAE posterior mean (no_grad) with --latent."""
+    """Pixels in [-1, 1] -> diffusion space: identity (Fig. 3 choice 1), or with --latent 0.18215 * the frozen
+    SD-VAE posterior mean (App. E.1 uses LDM's kl-f8 encoder as E; no_grad inside)."""
     return images if vae is None else vae.encode_to_latent(images)
 
 
 def to_pixels(z, vae):
     return z.clamp(-1, 1) if vae is None else vae.decode_from_latent(z)
-
-
-def demo_embedding(images, labels, num_classes, projection):
-    """Synthetic-set stand-in for a CLIP embedding: a fixed random projection of [one-hot label, per-channel mean and
-    std of the image] (so it carries class and colour information the image must agree with)."""
-    stats = torch.cat([F.one_hot(labels, num_classes).float(), images.mean((2, 3)), images.std((2, 3))], dim=1)
-    return stats @ projection
 
 
 #################################################################################
@@ -370,15 +314,6 @@ def create_unet(name, image_size, channels, in_channels, num_classes=None):
                      resblock_updown=True, use_new_attention_order=True, **cfg)
 
 
-def output_classifier(image_size, channels, num_classes, width, depth):
-    """-E head: guided-diffusion's classifier with App. E.3's flags (attention at 32/16/8 px, attention pool,
-    resblock_updown, scale-shift norm; depth 4 and width 128 at paper scale) reading the U-Net output."""
-    attention_ds = tuple(image_size // r for r in (32, 16, 8) if r <= image_size)
-    return EncoderUNetModel(image_size, channels, width, num_classes, depth, attention_ds,
-                            channel_mult=CLASSIFIER_MULT.get(image_size, (1, 2, 2)), num_head_channels=min(64, width),
-                            use_scale_shift_norm=True, resblock_updown=True, pool="attention")
-
-
 class MTDiffusionModel(nn.Module):
     """eps_theta(z_t, t) (-U) or eps_theta(z_t, X, t) (-X: E(X) as extra input channels) plus one modality head
     D_1 reading the "penultimate" features, the pooled "middle" block or the U-Net "output" (Sec. 2.2.3, Fig. 3)."""
@@ -389,7 +324,8 @@ class MTDiffusionModel(nn.Module):
 
     def forward(self, z_t, t, encodings):
         x = torch.cat([z_t, *encodings], dim=1) if self.variant == "X" else z_t
-        # a class-conditional U-Net (labels setting) exists only to encode labels: eps never sees y (null row)
+        # image-label: the U-Net is class-conditional only to encode labels (unet_label_encoder); eps always gets
+        # the extra null row, so the label rows get no gradient and stay a fixed random part of the encoder
         y = None if self.unet.num_classes is None else torch.full_like(t, self.unet.num_classes - 1)
         out, features = self.unet(x, t, y, return_features=True)
         if self.head_input == "output":
@@ -409,9 +345,12 @@ def create_mt_model(args, channels, size, num_classes, embed_dim):
     middle = unet.middle_block[-1].out_channels
     if labels and args.label_head == "M":  # App. E.3 -M: one fully connected layer on the middle block
         return MTDiffusionModel(unet, nn.Linear(middle, num_classes), "middle", args.variant)
-    if labels:
+    if labels:  # App. E.3 -E: guided-diffusion's classifier on the U-Net output with the appendix's flags
         depth, width = (4, 128) if args.model == "ADM" else (1, 32)
-        head = output_classifier(size, channels, num_classes, width, depth)
+        attention_ds = tuple(size // r for r in (32, 16, 8) if r <= size)  # attention at 32/16/8 px
+        head = EncoderUNetModel(size, channels, width, num_classes, depth, attention_ds, pool="attention",
+                                channel_mult=CLASSIFIER_MULT.get(size, (1, 2, 2)), num_head_channels=min(64, width),
+                                use_scale_shift_norm=True, resblock_updown=True)
         return MTDiffusionModel(unet, head, "output", args.variant)
     # App. E.4: a two-layer MLP 1024-ReLU-1024 on the middle block (last layer sized to the given embedding)
     head = nn.Sequential(nn.Linear(middle, 1024), nn.ReLU(), nn.Linear(1024, embed_dim))
@@ -443,10 +382,11 @@ class Task:
         self.decoder_loss = "ce" if args.setting == "image-label" else "mse"
         self.max_patches, self.patch_size = args.max_patches, patch_size(args.image_size, args.patch_size)
         self.embeddings = embeddings  # (N, D) on device from --embeddings, or None
-        if args.setting == "image-representation":
+        if args.setting == "image-representation":  # fixed N(0, 1) projections, part of E (seed 0 in every run)
             self.embed_dim = embeddings.shape[1] if embeddings is not None else args.embed_dim
-            self.projection = fixed_projection(self.embed_dim, math.prod(z_shape), args.projection_seed, device)
-            self.demo_projection = fixed_projection(num_classes + 6, self.embed_dim, args.projection_seed + 1, device)
+            gen = torch.Generator().manual_seed(0)
+            self.projection = torch.randn(self.embed_dim, math.prod(z_shape), generator=gen).to(device)
+            self.demo_projection = torch.randn(num_classes + 6, self.embed_dim, generator=gen).to(device)
 
     def prepare(self, batch, device, flip=True):
         """(z_0, x_1) of a loader batch: flips on-device (pairs flipped together), masks drawn from torch's RNG."""
@@ -459,25 +399,25 @@ class Task:
             return to_diffusion_space(b, self.vae), a
         z0 = to_diffusion_space(a, self.vae)
         if self.setting in ("masked-image", "restoration"):  # App. E.2: m ~ U{0..10} zeroed patches
-            counts = torch.randint(0, self.max_patches + 1, (a.shape[0],), device=device)
-            return z0, a * patch_keep_mask(counts, self.max_patches, a.shape[-1], self.patch_size)
+            return z0, a * random_patch_mask(len(a), self.max_patches, a.shape[-1], self.patch_size, device=device)
         if self.setting == "image-label":
             return z0, b
-        rows = self.embeddings[index[0]] if self.embeddings is not None else None
-        return z0, rows if rows is not None else demo_embedding(a, b, self.num_classes, self.demo_projection)
+        if self.embeddings is not None:
+            return z0, self.embeddings[index[0]]
+        # synthetic stand-in for a CLIP embedding: a fixed projection of [one-hot label, channel means and stds]
+        stats = torch.cat([F.one_hot(b, self.num_classes).float(), a.mean((2, 3)), a.std((2, 3))], dim=1)
+        return z0, stats @ self.demo_projection
 
+    @torch.no_grad()
     def encode(self, x, unet):
         """E_1(x_1), Algorithm 2 line 4; never carries a gradient (Fig. 3's stop-gradient)."""
         shape = (x.shape[0], *self.z_shape)
         if self.setting == "image-label":
             return unet_label_encoder(unet, x, shape)
         if self.setting == "image-representation":
-            return projection_encoder(x, self.projection, shape)
-        return identity_encoder(to_diffusion_space(x, self.vae))
-
-    def target(self, x, encoding):
-        """What D_1 predicts: the label, the embedding, or an image modality in the diffusion space (= E(x))."""
-        return encoding if self.setting in IMAGE_SETTINGS else x
+            # E(e) = P^T (e / |e|), entries ~N(0, 1): a parameter-free stand-in for App. E.4's cross-attention route
+            return (F.normalize(x.float(), dim=1) @ self.projection).reshape(shape)
+        return to_diffusion_space(x, self.vae)
 
     def init_modality(self, n, generator, device):
         """Algorithm 1 line 3: a random label or embedding when x_1 is not given."""
@@ -500,15 +440,12 @@ def train(args):
     ema = make_ema(model)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0)
 
-    step = 0
-    ckpt = run.load()
+    step, ckpt = 0, run.load()
     if ckpt is not None:
         load_model_state(model, ckpt["model"], run.resume_path)
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
         step = ckpt["step"]
-    else:
-        ema.load_state_dict(model.state_dict())
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else model
     loader = infinite_loader(dataset, batch_size, rank, world_size, args.seed, step, args.num_workers, device)
     run.log(f"MT-Diffusion-{args.variant} {args.setting} ({args.model}, head {type(model.head).__name__} on "
@@ -526,8 +463,8 @@ def train(args):
         encodings = [task.encode(x, model.unet)]  # line 4, no gradient
         t = torch.randint(0, sched.num_timesteps, (z0.shape[0],), device=device)  # line 3
         with autocast(device, args.bf16):
-            terms = training_losses(ddp, sched, z0, encodings, task.target(x, encodings[0]), t, task.decoder_loss,
-                                    args.decoder_weight)
+            target = encodings[0] if args.setting in IMAGE_SETTINGS else x  # D_1 predicts E(x) for images
+            terms = training_losses(ddp, sched, z0, encodings, target, t, task.decoder_loss, args.decoder_weight)
         loss = terms["loss"].mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()  # line 9
@@ -574,14 +511,16 @@ def patch_size(image_size, override=None):
     return override or max(1, round(16 * image_size / 64))
 
 
-def patch_keep_mask(counts, max_patches, image_size, patch, generator=None):
-    """(B, 1, S, S) float: 0 inside counts[b] random patches, 1 elsewhere (App. E.2): corner (x, y) uniform over the
-    image, patch x:min(x + p, S), y:min(y + p, S), so patches overlap freely and are clipped at the border."""
+def random_patch_mask(n, max_patches, image_size, patch, generator=None, counts=None, device=None):
+    """(n, 1, S, S) float keep-mask, App. E.2: m ~ U{0..max_patches} patches per image (or m = counts[b]), each
+    zeroing x:min(x + p, S), y:min(y + p, S) at a corner (x, y) uniform over the image (overlaps allowed)."""
+    if counts is None:
+        counts = torch.randint(0, max_patches + 1, (n,), generator=generator, device=device)
     device = counts.device
-    corners = torch.randint(0, image_size, (counts.shape[0], max_patches, 2), generator=generator, device=device)
-    active = torch.arange(max_patches, device=device) < counts[:, None]  # (B, K): the first counts[b] patches
+    corners = torch.randint(0, image_size, (n, max_patches, 2), generator=generator, device=device)
+    active = torch.arange(max_patches, device=device) < counts[:, None]  # (n, K): the first counts[b] patches
     pixels = torch.arange(image_size, device=device)
-    inside = lambda start: (pixels >= start[..., None]) & (pixels < start[..., None] + patch)  # (B, K, S)
+    inside = lambda start: (pixels >= start[..., None]) & (pixels < start[..., None] + patch)  # (n, K, S)
     rows, cols = inside(corners[..., 1]), inside(corners[..., 0])
     hole = (rows[..., :, None] & cols[..., None, :] & active[..., None, None]).any(dim=1)
     return (~hole).float()[:, None]
@@ -627,39 +566,29 @@ def load_embeddings(path, num_items, device):
     return torch.from_numpy(table).float().to(device)
 
 
-def diffusion_shape(args):
-    """(C, H, W) of z: the image, or the SD-VAE latent (4 channels, 8x smaller) with --latent."""
-    return (4, args.image_size // 8, args.image_size // 8) if args.latent else (3, args.image_size, args.image_size)
-
-
 def build(args, device):
     """Data, task, reverse model and forward schedule of a run (shared by training and --eval-only)."""
     dataset, num_classes = task_dataset(args, args.data)
-    vae = load_vae(args.vae, device) if args.latent else None
+    vae = load_vae(args.vae, device) if args.latent else None  # frozen; one-line error without --vae
     embeddings = load_embeddings(args.embeddings, len(dataset), device) if args.embeddings else None
-    z_shape = diffusion_shape(args)
+    s = args.image_size
+    z_shape = (4, s // 8, s // 8) if args.latent else (3, s, s)  # the image, or the SD-VAE latent
     task = Task(args, num_classes, z_shape, device, vae, embeddings)
     torch.manual_seed(args.seed)  # same initial weights on every rank and in every (re)run
     model = create_mt_model(args, z_shape[0], z_shape[1], num_classes, getattr(task, "embed_dim", 0)).to(device)
     betas = get_beta_schedule(args.noise_schedule)
     weights = task_weights(args.task_weight, betas, args.weight_clamp, args.weight_value, args.atilde_max)
-    sched = schedule_to(MTSchedule(betas, weights), device)
+    sched = MTSchedule(betas, weights).to(device)
     # held out: synthetic items of another seed or --eval-data; embeddings exist for the training items only
     eval_set = dataset if args.embeddings else task_dataset(args, args.eval_data or args.data, seed=1)[0]
     return dataset, eval_set, task, model, sched
 
 
-def sampling_chain(sched, num_steps):
-    """(respaced schedule, kept timesteps) on sched's device, for Algorithm 1 with num_steps steps."""
-    device = sched.betas.device
-    respaced, kept = respace(sched, num_steps)
-    return schedule_to(respaced, device), kept.to(device)
-
-
 @torch.no_grad()
-def mt_sample(model, sched, timestep_map, encodings, shape, generator=None, known=None, task=None, x=None):
-    """Algorithm 1 on a (respaced) chain; returns (z_0, x_1). With task given, x_1 is not initially available: it
+def mt_sample(model, chain, encodings, shape, generator=None, known=None, task=None, x=None):
+    """Algorithm 1 on chain = respace(...); returns (z_0, x_1). With task given, x_1 is not initially available: it
     starts at x (line 3) and is re-estimated from the head at every step (lines 7-10)."""
+    sched, timestep_map = chain
     state = {"x": x, "encodings": list(encodings)}
 
     def eps_fn(z, i):
@@ -670,18 +599,20 @@ def mt_sample(model, sched, timestep_map, encodings, shape, generator=None, know
         state["encodings"] = [task.encode(state["x"], model.unet)]
         return eps.float(), state["encodings"]
 
-    z0 = sample_loop(sched, eps_fn, encodings, shape, generator=generator, known=known)
+    pixels = task is None or task.vae is None  # ADM clips the denoised z_0 to the data range [-1, 1]
+    z0 = sample_loop(sched, eps_fn, encodings, shape, generator, known=known, clip_denoised=pixels)
     return z0, state["x"]
 
 
 def restore(model, task, chain, images, keep, generator=None):
-    """Constrained restoration (Sec. 4.1): z_0 given the masked image x_1 = images * keep, keeping the unmasked
-    region exactly (sample_loop known=); with --latent a latent cell is kept only when all its pixels are."""
+    """Constrained restoration (Sec. 4.1): z_0 given x_1 = images * keep, keeping the known region (sample_loop).
+    With --latent a latent cell is known only when all its pixels are; the decoded output then gets the known
+    pixels pasted back, so unmasked pixels are kept exactly in both modes."""
     encoding = task.encode(images * keep, model.unet)
     factor = images.shape[-1] // encoding.shape[-1]
     known = keep if factor == 1 else 1 - F.max_pool2d(1 - keep, factor)
-    z0, _ = mt_sample(model, *chain, [encoding], encoding.shape, generator, known=(known, encoding))
-    return to_pixels(z0, task.vae)
+    z0, _ = mt_sample(model, chain, [encoding], encoding.shape, generator, known=(known, encoding))
+    return torch.where(keep.bool(), images, to_pixels(z0, task.vae))
 
 
 def psnr_db(a, b, hole=None):
@@ -718,25 +649,24 @@ def sample_grid(args, model, task, sched, show, path, log):
     complete mask; translation rows: source / target / generated; joint settings: images (labels in the log)."""
     device = sched.betas.device
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    chain = sampling_chain(sched, args.num_sampling_steps)
+    chain = respace(sched, args.num_sampling_steps)
     a, b = show[0].to(device), show[1].to(device)
     shape, metrics = (a.shape[0], *task.z_shape), {}
     was_training = model.training
     model.eval()
     if args.setting in ("masked-image", "restoration"):
-        counts = torch.randint(0, args.max_patches + 1, (a.shape[0],), generator=gen, device=device)
-        keep = patch_keep_mask(counts, args.max_patches, a.shape[-1], task.patch_size, gen)
+        keep = random_patch_mask(a.shape[0], args.max_patches, a.shape[-1], task.patch_size, gen, device=device)
         restored = restore(model, task, chain, a, keep, gen)
         blank = task.encode(torch.zeros_like(a), model.unet)  # complete mask: E(X) = 0, z_T ~ N(0, (1 - abar_T) I)
-        rows = [a, a * keep, restored, to_pixels(mt_sample(model, *chain, [blank], shape, gen)[0], task.vae)]
+        rows = [a, a * keep, restored, to_pixels(mt_sample(model, chain, [blank], shape, gen)[0], task.vae)]
         psnr, ssim, unmasked = restoration_metrics(restored, a, keep)
         metrics = dict(psnr_masked=psnr.nanmean(), ssim_masked=ssim.nanmean(), unmasked_max_error=unmasked.max())
     elif args.setting == "translation":  # Algorithm 1 with the source known
-        generated = to_pixels(mt_sample(model, *chain, [task.encode(a, model.unet)], shape, gen)[0], task.vae)
+        generated = to_pixels(mt_sample(model, chain, [task.encode(a, model.unet)], shape, gen)[0], task.vae)
         rows, metrics = [a, b, generated], dict(psnr_translation=psnr_db(generated, b).mean())
     else:  # joint generation: x_1 starts random and follows the head
         x = task.init_modality(a.shape[0], gen, device)
-        z0, x = mt_sample(model, *chain, [task.encode(x, model.unet)], shape, gen, task=task, x=x)
+        z0, x = mt_sample(model, chain, [task.encode(x, model.unet)], shape, gen, task=task, x=x)
         rows = [to_pixels(z0, task.vae)]
         if args.setting == "image-label":
             log(f"joint samples: generated labels {x.tolist()}")
@@ -747,7 +677,7 @@ def sample_grid(args, model, task, sched, show, path, log):
     return metrics
 
 
-def eval_loader(args, eval_set):
+def eval_batches(args, eval_set):
     subset = torch.utils.data.Subset(eval_set, range(min(args.eval_samples, len(eval_set))))
     return torch.utils.data.DataLoader(subset, batch_size=args.eval_batch_size)
 
@@ -758,7 +688,7 @@ def head_metrics(args, model, task, sched, eval_set):
     label accuracy, or embedding MSE and cosine similarity."""
     device = sched.betas.device
     totals = torch.zeros(3, device=device)
-    for batch in eval_loader(args, eval_set):
+    for batch in eval_batches(args, eval_set):
         z0, x = task.prepare(batch, device, flip=False)
         t, zeros = torch.zeros(z0.shape[0], dtype=torch.long, device=device), torch.zeros_like(z0)
         _, pred = model(q_sample(sched, z0, [zeros], t), t, [zeros])
@@ -776,17 +706,17 @@ def head_metrics(args, model, task, sched, eval_set):
 @torch.no_grad()
 def restoration_table(args, model, task, sched, eval_set, lpips=None):
     """Table 1 protocol: held-out images with exactly m patches for each m of --eval-restoration, restored; mean
-    PSNR / SSIM over the masked pixels, the largest unmasked change, LPIPS(restored) and LPIPS(masked) to the original."""
+    PSNR / SSIM over the masked pixels, the largest unmasked change, LPIPS(restored) and LPIPS(masked) to the
+    original."""
     device = sched.betas.device
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    chain = sampling_chain(sched, args.num_sampling_steps)
-    rows = []
+    chain, rows = respace(sched, args.num_sampling_steps), []
     for m in args.eval_restoration:
         values = []
-        for batch in eval_loader(args, eval_set):
+        for batch in eval_batches(args, eval_set):
             images = batch[0].to(device)
-            keep = patch_keep_mask(torch.full((len(images),), m, device=device), m, images.shape[-1],
-                                   task.patch_size, gen)
+            counts = torch.full((len(images),), m, device=device)
+            keep = random_patch_mask(len(images), m, images.shape[-1], task.patch_size, gen, counts)
             restored = restore(model, task, chain, images, keep, gen)
             per_image = list(restoration_metrics(restored, images, keep))
             if lpips is not None:
@@ -850,7 +780,7 @@ PAPER = dict(steps=1_000_000, global_batch_size=80, lr=7e-5, ema_decay=0.9999, n
              ckpt_every=50_000, sample_every=10_000)
 PAPER_BY_SETTING = {"image-label": dict(global_batch_size=75), "translation": dict(global_batch_size=32, lr=1e-4),
                     "image-representation": dict(global_batch_size=2048, lr=1e-5)}
-DEMO = dict(steps=1500, global_batch_size=16, lr=1e-3, ema_decay=0.995, num_workers=0, log_every=50,
+DEMO = dict(steps=1000, global_batch_size=16, lr=1e-3, ema_decay=0.995, num_workers=0, log_every=50,
             ckpt_every=500, sample_every=500)
 EVAL_FLAGS = ("num_sampling_steps", "eval_restoration", "eval_samples", "eval_batch_size", "lpips_net",
               "lpips_backbone", "lpips_weights", "vae", "eval_data", "seed")
@@ -859,21 +789,20 @@ EVAL_FLAGS = ("num_sampling_steps", "eval_restoration", "eval_samples", "eval_ba
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--setting", choices=SETTINGS, default="masked-image")
-    p.add_argument("--variant", choices=["U", "X"], default=None,
-                   help="U: eps(z_t, t); X: eps(z_t, X, t), E(X) as extra input channels\n"
-                        "(default X for masked-image / restoration / translation, U otherwise)")
-    p.add_argument("--label-head", choices=["M", "E"], default="M",
-                   help="image-label: M = linear layer on the middle block, E = classifier on the U-Net output")
+    p.add_argument("--variant", choices=["U", "X"], default=None, help="U: eps(z_t, t); X: eps(z_t, X, t), E(X) as "
+                   "extra input channels (default X for the image settings, U otherwise)")
+    p.add_argument("--label-head", choices=["M", "E"], default="M", help="image-label: M = linear layer on the "
+                   "middle block, E = classifier on the U-Net output")
     p.add_argument("--model", choices=["ADM", "ADM-S", "ADM-T"], default=None, help="default ADM-T on synthetic")
-    p.add_argument("--task-weight", choices=["paper", "constant", "zero"], default="paper",
-                   help="w_t of Eq. (3): paper t/(T-t) (App. E), constant, or zero (plain DDPM)")
+    p.add_argument("--task-weight", choices=["paper", "constant", "zero"], default="paper", help="w_t of Eq. (3): "
+                   "paper t/(T-t) (App. E), constant, or zero (plain DDPM)")
     p.add_argument("--weight-clamp", type=float, default=1.0, help="clamp of t/(T-t), which is infinite at t = T")
     p.add_argument("--weight-value", type=float, default=1.0, help="w_t of --task-weight constant")
-    p.add_argument("--atilde-max", type=float, default=1.0,
-                   help="rescale w so that max_t atilde_t is this; 0 keeps the raw weights (atilde ~150-270)")
+    p.add_argument("--atilde-max", type=float, default=1.0, help="rescale w so that max_t atilde_t is this; 0 keeps "
+                   "the raw weights (atilde ~150-270)")
     p.add_argument("--decoder-weight", type=float, default=0.1, help="lambda of Eq. (6)")
-    p.add_argument("--noise-schedule", choices=["linear", "cosine"], default=None,
-                   help="default cosine (App. E.2/E.3), linear for translation (E.1)")
+    p.add_argument("--noise-schedule", choices=["linear", "cosine"], default=None, help="default cosine (App. "
+                   "E.2/E.3), linear for translation (E.1)")
     p.add_argument("--data", default="synthetic", help="'synthetic', a class-folder tree, or image pairs (translation)")
     p.add_argument("--eval-data", default=None, help="held-out data (default: other synthetic items, or --data)")
     p.add_argument("--image-size", type=int, default=None, help="pixels (default 32 synthetic, 64 otherwise)")
@@ -884,13 +813,12 @@ def parse_args(argv=None):
     p.add_argument("--vae", default=None, help="SD-VAE weights file")
     p.add_argument("--embeddings", default=None, help="image-representation: (N, D) .npy, row i embeds item i")
     p.add_argument("--embed-dim", type=int, default=32, help="size of the synthetic demo embedding")
-    p.add_argument("--projection-seed", type=int, default=0, help="seed of the fixed embedding projections")
     p.add_argument("--max-patches", type=int, default=10, help="training masks: m ~ U{0..max} patches (App. E.2)")
     p.add_argument("--patch-size", type=int, default=None, help="default image size / 4 (16 px at 64 px)")
     p.add_argument("--num-sampling-steps", type=int, default=None, help="default 1000 (App. C); 100 on synthetic")
-    p.add_argument("--eval-restoration", default=None,
-                   help="Table 1: comma-separated patch counts (default 5,10,15,20 for --setting restoration)")
-    p.add_argument("--eval-samples", type=int, default=None, help="held-out items evaluated (default 1000; 32 synthetic)")
+    p.add_argument("--eval-restoration", default=None, help="Table 1: comma-separated patch counts (default "
+                   "5,10,15,20 for --setting restoration)")
+    p.add_argument("--eval-samples", type=int, default=None, help="held-out items evaluated (1000; 32 synthetic)")
     p.add_argument("--eval-batch-size", type=int, default=32)
     p.add_argument("--lpips-net", choices=["alex", "vgg"], default="alex")
     p.add_argument("--lpips-backbone", default=None, help="torchvision alexnet / vgg16 .pth (LPIPS)")
@@ -920,14 +848,14 @@ def parse_args(argv=None):
         p.error("LPIPS needs both --lpips-backbone (torchvision .pth) and --lpips-weights (lpips v0.1 .pth)")
     if args.embeddings and args.setting != "image-representation":
         p.error("--embeddings is for --setting image-representation")
-    if args.latent and not args.vae:
-        p.error("--latent needs --vae PATH to the SD-VAE weights (diffusers .bin/.safetensors or LDM .ckpt)")
     if args.latent and args.image_size % 8:
         p.error(f"--latent needs --image-size divisible by 8 (the VAE downsamples 8x), got {args.image_size}")
     if args.task_weight == "paper" and not 0 < args.weight_clamp < float("inf"):
         p.error(f"--weight-clamp {args.weight_clamp}: t/(T-t) is infinite at t = T; pass a finite clamp > 0")
     if args.atilde_max < 0 or args.max_patches < 0:
         p.error("--atilde-max and --max-patches must be >= 0")
+    if not 2 <= args.num_sampling_steps <= 1000:
+        p.error(f"--num-sampling-steps {args.num_sampling_steps}: pick 2..1000 (the respaced chain keeps t = T)")
     if args.eval_only and not args.ckpt:
         p.error("--eval-only needs --ckpt PATH")
     return args

@@ -8,10 +8,11 @@ at a random noise level with the ordinary task losses; inference runs 3 DDIM ste
 
 This file, in the paper's order: (1) the pixel-level encoder, cross-task label encoder and cross-task diffusion
 decoder (Sec. 3.2), (2) the losses (Eq. 3), (3) the training loop (Algorithm 1), (4) the sampler (Algorithm 2) and
-the evaluation, (5) main(). Facts the paper lost are in SHARED SPEC, checked against YuqiYang213/TaskDiffusion
-(`models/transformers/TaskDiffusion_head.py`, `TaskDiffusion_baseline.py`, `configs/`, `losses/`).
+the evaluation, (5) main(). Facts the paper lost are in the project SPEC (../shared/SPEC.md), checked against
+YuqiYang213/TaskDiffusion (`models/transformers/TaskDiffusion_head.py`, `TaskDiffusion_baseline.py`, `configs/`,
+`utils/`).
 
-    python task_diffusion.py            # tiny ViT on the synthetic set (CPU, ~5 min) vs. a --decoder none baseline
+    python task_diffusion.py            # tiny ViT on the synthetic set (CPU, minutes) vs. a --decoder none baseline
     torchrun --nproc_per_node=2 task_diffusion.py --dataset pascal --data-root <PASCAL-Context> --backbone vit-l \
         --backbone-weights vit_large_patch16_384.pth                                         # the paper's run
 """
@@ -38,20 +39,19 @@ CONTINUOUS_OUTPUTS = {"depth": 1, "normals": 3, "edge": 1}  # continuous labels:
 LOWER_IS_BETTER = ("depth", "normals")
 IGNORE = 255
 
-# Per data set: classes, loss weights w_s of Eq. (3), edge positive weight and odsF tolerance (configs/*.yml).
-# Synthetic (ours): the NYUD weights plus PASCAL's saliency weight; edges are ~5.6% of the pixels at 64 px, so the
-# PASCAL positive weight 0.95 (HED-style: the negative fraction); odsF tolerance ~1.8 px at 64 px.
+# Per data set: tasks, classes, loss weights w_s of Eq. (3), edge positive weight, odsF tolerance (configs/*.yml).
+# Synthetic (ours): NYUD's weights plus PASCAL's saliency weight; edges are ~6% of the pixels, so PASCAL's positive
+# weight 0.95; odsF tolerance ~1.8 px at 64 px.
 DATASETS = {
-    "pascal": dict(classes={"semseg": 21, "human_parts": 7, "sal": 2}, edge_pos_weight=0.95, edge_max_dist=0.0075,
+    "pascal": dict(tasks=("semseg", "human_parts", "sal", "normals", "edge"),
+                   classes={"semseg": 21, "human_parts": 7, "sal": 2}, edge_pos_weight=0.95, edge_max_dist=0.0075,
                    weights={"semseg": 1.0, "human_parts": 2.0, "sal": 5.0, "edge": 50.0, "normals": 10.0}),
-    "nyud": dict(classes={"semseg": 40}, edge_pos_weight=0.90, edge_max_dist=0.011,
-                 weights={"semseg": 1.0, "depth": 1.0, "normals": 10.0, "edge": 50.0}),
-    "synthetic": dict(classes={"semseg": 5, "sal": 2}, edge_pos_weight=0.95, edge_max_dist=0.02,
+    "nyud": dict(tasks=("semseg", "depth", "normals", "edge"), classes={"semseg": 40}, edge_pos_weight=0.90,
+                 edge_max_dist=0.011, weights={"semseg": 1.0, "depth": 1.0, "normals": 10.0, "edge": 50.0}),
+    "synthetic": dict(tasks=("semseg", "depth", "normals", "edge", "sal"), classes={"semseg": 5, "sal": 2},
+                      edge_pos_weight=0.95, edge_max_dist=0.02,
                       weights={"semseg": 1.0, "depth": 1.0, "normals": 10.0, "edge": 50.0, "sal": 5.0}),
 }
-DATASET_TASKS = {"pascal": ("semseg", "human_parts", "sal", "normals", "edge"),
-                 "nyud": ("semseg", "depth", "normals", "edge"),
-                 "synthetic": ("semseg", "depth", "normals", "edge", "sal")}
 
 
 def output_channels(dataset, tasks):
@@ -61,22 +61,22 @@ def output_channels(dataset, tasks):
 
 
 #################################################################################
-#                 Noise schedule (Sec. 3.2, Eq. 1; SPEC) and time pairs         #
+#                 Noise schedule (Sec. 3.1, Eq. 1) and time pairs (Alg. 2)      #
 #################################################################################
 
 def cosine_log_snr(t, ns=0.0002, ds=0.00025):
-    """Continuous-time cosine schedule as log-SNR: -log(cos((t + ns) / (1 + ds) * pi / 2)^-2 - 1), clamped."""
+    """gamma(t) of Eq. (1) as the continuous cosine log-SNR: -log(cos((t + ns) / (1 + ds) * pi / 2)^-2 - 1)."""
     return -torch.log(torch.clamp(torch.cos((t + ns) / (1 + ds) * math.pi / 2) ** -2 - 1, min=1e-5))
 
 
 def alpha_sigma(log_snr):
-    """gamma(t) of Eq. (1) as alpha = sqrt(sigmoid(logsnr)), sigma = sqrt(sigmoid(-logsnr)); alpha^2 + sigma^2 = 1."""
+    """alpha = sqrt(sigmoid(logsnr)) = sqrt(gamma(t)), sigma = sqrt(sigmoid(-logsnr)); alpha^2 + sigma^2 = 1."""
     return torch.sigmoid(log_snr).sqrt(), torch.sigmoid(-log_snr).sqrt()
 
 
 def time_pairs(steps, t_diff=1):
-    """Algorithm 2's asymmetric (t_now, t_next) pairs: t_now = 1 - k/steps, t_next = max(1 - (k+1+t_diff)/steps, 0)."""
-    return [(1 - k / steps, max(1 - (k + 1 + t_diff) / steps, 0.0)) for k in range(steps)]
+    """Algorithm 2's asymmetric (t_now, t_next): t_now = 1 - k/steps, t_next = max(1 - (1 + k + t_diff)/steps, 0)."""
+    return [(1 - k / steps, max(1 - (1 + k + t_diff) / steps, 0.0)) for k in range(steps)]
 
 
 #################################################################################
@@ -135,7 +135,7 @@ class PredictionHead(nn.Module):
 
 
 class LogSNREmbedding(nn.Module):
-    """Learned sinusoidal embedding of log-SNR (dim 16: 8 learned frequencies, sin and cos, plus the input) + MLP."""
+    """Learned sinusoidal embedding of log-SNR (8 learned frequencies, sin and cos, plus the input) + MLP."""
 
     def __init__(self, dim, sinusoidal_dim=16):
         super().__init__()
@@ -168,6 +168,8 @@ class PixelEncoder(nn.Module):
     def __init__(self, backbone, image_size, dim):
         super().__init__()
         self.vit = create_vit(backbone, image_size)
+        # Patch tokens only (upstream): the class token gets no gradient, and DDP refuses unused parameters.
+        self.vit.cls_token.requires_grad_(False)
         self.fuse = nn.ModuleList([nn.Conv2d(self.vit.embed_dim, dim, 1) for _ in self.vit.feature_layers])
 
     def forward(self, images):
@@ -178,7 +180,7 @@ class PixelEncoder(nn.Module):
 #                   Cross-task label encoder (Sec. 3.2; SPEC)                   #
 #################################################################################
 
-def _invalid_fraction(task, labels):
+def invalid_mask(task, labels):
     """1 where a continuous label is missing: depth <= 0, zero-norm or 255 normals, edge == 255."""
     if task == "depth":
         return (labels <= 0).float()
@@ -198,7 +200,7 @@ def encode_targets(targets, tasks, size):
             inputs[task] = torch.where(y == IGNORE, classes, y)
         else:
             y = y[:, None] if y.ndim == 3 else y
-            invalid = _invalid_fraction(task, y)
+            invalid = invalid_mask(task, y)
             y = torch.where(invalid.bool(), torch.zeros_like(y), y)
             inputs[task] = (F.interpolate(y, size=size, mode="bilinear"),
                             F.interpolate(invalid, size=size, mode="bilinear"))
@@ -207,7 +209,7 @@ def encode_targets(targets, tasks, size):
 
 def reencode_predictions(logits, tasks):
     """Algorithm 2: predictions -> label-encoder inputs (argmax; saliency softmax[:, 1] > 0.85; depth clamp(0, 80);
-    sigmoid edge; L2-normalised normals)."""
+    sigmoid edge; L2-normalised normals), as upstream ddim_sample."""
     inputs = {}
     for task in tasks:
         x = logits[task].float()
@@ -223,10 +225,11 @@ def reencode_predictions(logits, tasks):
 
 
 class CrossTaskLabelEncoder(nn.Module):
-    """Labels -> one cross-task map z: per task a C/4 embedding, concat, 1x1 conv to C, (sigmoid(z) * 2 - 1) * scale.
+    """Labels -> one cross-task map z: per task a C/4 embedding (one-hot x 1x1 conv = an embedding table for
+    discrete tasks), concat, 1x1 conv to C, then (sigmoid(z) * 2 - 1) * scale.
 
-    joint=False is the ablation without cross-task encoding: z is the concatenation of the per-task embeddings.
-    With saliency among several tasks its embedding is concatenated after the joint conv, as upstream on PASCAL.
+    joint=False is Table 3's ablation without cross-task encoding: z is the concatenation of the per-task embeddings.
+    With saliency among several tasks its embedding is concatenated after the joint conv (Sec. 4.1, PASCAL).
     """
 
     def __init__(self, tasks, dim, scale=0.01, joint=True):
@@ -255,7 +258,7 @@ class CrossTaskLabelEncoder(nn.Module):
                 e = invalid * self.invalid[task][None, :, None, None] + (1 - invalid) * e  # blend ignored pixels
             (separate if task == self.separate else joint).append(e)
         z = torch.cat(separate + [self.fuse(torch.cat(joint, 1))], 1) if self.joint else torch.cat(joint, 1)
-        return (torch.sigmoid(z) * 2 - 1) * self.scale  # normalise to [-scale, scale] (SNR control)
+        return (torch.sigmoid(z) * 2 - 1) * self.scale  # normalise to [-1, 1], x scale (SNR control, Table 5)
 
 
 #################################################################################
@@ -281,18 +284,6 @@ class TaskBranches(nn.Module):
         return {t: [b(x) for b, x in zip(branch, levels)] for t, branch in self.branches.items()}
 
 
-class AuxHead(nn.Module):
-    """Auxiliary head on the task-specific features: x4 upsample, Conv_MLP (residual 1x1 shortcut), 3x3 conv."""
-
-    def __init__(self, in_ch, dim, out_ch):
-        super().__init__()
-        self.block = ConvBlock(in_ch, dim, dim, shortcut="conv")
-        self.pred = nn.Conv2d(dim, out_ch, 3, padding=1)
-
-    def forward(self, feats):
-        return self.pred(self.block(F.interpolate(torch.cat(feats, 1), scale_factor=4, mode="bilinear")))
-
-
 class CrossTaskDecoder(nn.Module):
     """Cross-task diffusion decoder (Sec. 3.2, Fig. 2): per level concat(X^l, z_t) -> 1x1 conv -> 2 FiLM blocks ->
     task interaction with the F_i^b -> per-task level interaction -> task heads."""
@@ -307,7 +298,7 @@ class CrossTaskDecoder(nn.Module):
                                      for _ in range(L)])
         if interaction == "task":  # task-relation maps A_i: S*S channels
             self.relation = nn.ModuleList([NormConv(dim, S * S, 3, dim) for _ in range(L)])
-        elif interaction == "concat":  # ablation: concat(shared feature, F_i^a) -> 1x1 conv
+        elif interaction == "concat":  # Table 4 ablation: concat(shared feature, F_i^a) -> 1x1 conv
             self.concat = nn.ModuleList([nn.ModuleDict({t: nn.Conv2d(2 * dim, dim, 1) for t in tasks})
                                          for _ in range(L)])
         else:  # "cross-attn" ablation: noisy-map feature as query, F_i^a as key/value
@@ -325,7 +316,7 @@ class CrossTaskDecoder(nn.Module):
             B, _, H, W = h.shape
             A = torch.sigmoid(self.relation[i](h, t)).view(B, len(self.tasks), len(self.tasks), 1, H, W)
             Fi = torch.stack([feats[b][i] for b in self.tasks], 1)  # (B, S, C, H, W)
-            U = (A * Fi[:, None]).sum(2)  # U_i^a = sum_b A_i^{a,b} F_i^b
+            U = (A * Fi[:, None]).sum(2)  # U_i^a = sum_b A_i^{a,b} F_i^b (Sec. 3.2)
             return {a: U[:, k] for k, a in enumerate(self.tasks)}, A[:, :, :, 0]
         if self.interaction == "concat":
             return {a: self.concat[i][a](torch.cat([h, feats[a][i]], 1)) for a in self.tasks}, None
@@ -350,7 +341,7 @@ class CrossTaskDecoder(nn.Module):
         logits = {}
         for a in self.tasks:
             if self.level_interaction:
-                # Softmax over levels as in the authors' code (the paper's text says sigmoid).
+                # F'_s = sum_i M_i^s U_i^s; softmax over levels as the authors' code (the paper's text says sigmoid).
                 M = self.level_weights[a](torch.cat(per_level[a], 1), t).softmax(dim=1)
                 f = sum(M[:, i:i + 1] * u for i, u in enumerate(per_level[a]))
             else:
@@ -377,11 +368,11 @@ class TaskSpecificDecoder(nn.Module):
 
 
 class TaskDiffusion(nn.Module):
-    """Pixel-level encoder + task branches + label encoder + diffusion decoder; decoder='none' is the baseline
-    (backbone + task-specific heads, no diffusion)."""
+    """Pixel-level encoder + task branches + label encoder + diffusion decoder; decoder='none' is the ablation
+    baseline (backbone + fused task branches + task heads, no diffusion)."""
 
     def __init__(self, tasks, backbone="vit-tiny", image_size=64, dim=64, decoder="cross-task", interaction="task",
-                 level_interaction=True, scale=0.01):
+                 level_interaction=True, scale=0.01, cross_task_encoding=True):
         super().__init__()
         self.tasks, self.decoder_kind = dict(tasks), decoder
         self.encoder = PixelEncoder(backbone, image_size, dim)
@@ -391,8 +382,10 @@ class TaskDiffusion(nn.Module):
         if decoder == "none":
             self.decoder = nn.ModuleDict({t: PredictionHead(dim, c) for t, c in tasks.items()})
             return
-        self.aux_heads = nn.ModuleDict({t: AuxHead((L if cross else 1) * dim, dim, c) for t, c in tasks.items()})
-        self.label_encoder = CrossTaskLabelEncoder(tasks, dim, scale, joint=cross)
+        aux_in = (L if cross else 1) * dim  # auxiliary heads: Conv_MLP (1x1 shortcut) + 3x3 conv on the x4 features
+        self.aux_heads = nn.ModuleDict({t: nn.Sequential(ConvBlock(aux_in, dim, dim, shortcut="conv"),
+                                                         nn.Conv2d(dim, c, 3, padding=1)) for t, c in tasks.items()})
+        self.label_encoder = CrossTaskLabelEncoder(tasks, dim, scale, joint=cross and cross_task_encoding)
         self.decoder = (CrossTaskDecoder(tasks, dim, self.label_encoder.out_channels, L, interaction,
                                          level_interaction) if cross else TaskSpecificDecoder(tasks, dim))
 
@@ -408,12 +401,13 @@ class TaskDiffusion(nn.Module):
         if self.decoder_kind == "none":
             return resize({t: head(feats[t][0]) for t, head in self.decoder.items()}, size), {}
         x0 = self.label_encoder(encode_targets(targets, self.tasks, levels[0].shape[-2:]))
-        t = torch.rand(len(images), device=images.device) * 0.999  # t ~ U(0, 0.999)
+        t = torch.rand(len(images), device=images.device) * 0.999  # continuous t ~ U(0, 0.999)
         log_snr = cosine_log_snr(t)
         alpha, sigma = (s[:, None, None, None] for s in alpha_sigma(log_snr))
         z_t = alpha * x0 + sigma * torch.randn_like(x0)  # Eq. (1)
-        logits, _ = self.decoder(z_t, log_snr, levels, feats)
-        aux = {t: head(feats[t]) for t, head in self.aux_heads.items()}
+        logits, _ = self.decoder(z_t, log_snr, levels, feats)  # the decoder predicts the task logits (x0-style)
+        aux = {t: head(F.interpolate(torch.cat(feats[t], 1), scale_factor=4, mode="bilinear"))
+               for t, head in self.aux_heads.items()}
         return resize(logits, size), resize(aux, size)
 
 
@@ -441,20 +435,30 @@ def task_loss(task, logits, target, edge_pos_weight=0.95):
         return F.cross_entropy(logits, target, weight=weight, ignore_index=IGNORE, reduction="sum") / n_valid
     if task == "edge":
         valid = target != IGNORE
-        w = edge_pos_weight  # w * pos term + (1 - w) * neg term, mean over valid pixels
+        w = edge_pos_weight  # w * positive term + (1 - w) * negative term, mean over valid pixels
         loss = F.binary_cross_entropy_with_logits(logits[:, 0], target.float(), reduction="none",
                                                   pos_weight=torch.tensor(w / (1 - w), device=logits.device))
         return (loss * (1 - w) * valid).sum() / valid.sum().clamp(min=1)
     target = target[:, None] if target.ndim == 3 else target
-    valid = 1 - _invalid_fraction(task, target)
+    valid = 1 - invalid_mask(task, target)
     pred = F.normalize(logits, dim=1) if task == "normals" else logits
     return ((pred - target).abs() * valid).sum() / valid.sum().clamp(min=1)
 
 
 def multitask_loss(logits, targets, weights, edge_pos_weight):
-    """Eq. (3): sum_s w_s L_s; returns (total, {task: L_s})."""
+    """Eq. (3): L_all = sum_s w_s L_s; returns (total, {task: L_s})."""
     losses = {t: task_loss(t, logits[t], targets[t], edge_pos_weight) for t in logits}
     return sum(weights[t] * loss for t, loss in losses.items()), losses
+
+
+def training_loss(model, images, targets, dataset, aux_weight):
+    """Algorithm 1's loss: Eq. (3) on the decoder's logits + aux_weight x Eq. (3) on the auxiliary heads."""
+    spec = DATASETS[dataset]
+    logits, aux = model(images, targets)
+    loss, losses = multitask_loss(logits, targets, spec["weights"], spec["edge_pos_weight"])
+    if aux:
+        loss = loss + aux_weight * multitask_loss(aux, targets, spec["weights"], spec["edge_pos_weight"])[0]
+    return loss, losses
 
 
 #################################################################################
@@ -485,7 +489,7 @@ def to_device(batch, tasks, device):
 
 
 def random_flip(images, targets):
-    """Horizontal flip with p = 0.5 per image, on-device, for the image and every label; normals negate n_x."""
+    """Horizontal flip with p = 0.5 per image, on-device, of the image and every label; normals negate n_x."""
     flip = torch.rand(images.shape[0], device=images.device) < 0.5
     pick = lambda x: torch.where(flip.view(-1, *[1] * (x.ndim - 1)), x.flip(-1), x)
     out = {t: pick(y) for t, y in targets.items()}
@@ -499,22 +503,24 @@ def random_flip(images, targets):
 #                   Training loop (Algorithm 1, DiT train.py conventions)       #
 #################################################################################
 
-def build_model(args, tasks):
-    return TaskDiffusion(tasks, args.backbone, args.image_size, args.embed_dim, args.decoder, args.interaction,
-                         not args.no_level_interaction, args.scale)
+def build_model(args):
+    """The model of parsed args (see parse_args): e.g. build_model(parse_args(["--backbone", "vit-b"]))."""
+    return TaskDiffusion(output_channels(args.dataset, args.tasks), args.backbone, args.image_size, args.embed_dim,
+                         args.decoder, args.interaction, not args.no_level_interaction, args.scale,
+                         args.label_encoding == "cross-task")
 
 
 def train(args, rank, world_size, device):
+    """Train one model; returns (run, model, ema). Every rank returns; the caller tears the group down."""
     if args.global_batch_size % world_size:
         fail(f"--global-batch-size {args.global_batch_size} is not divisible by the {world_size} processes")
     batch_size = args.global_batch_size // world_size
     run = TrainingRun(args, f"taskdiffusion-{args.dataset}-{args.backbone}-{args.decoder}", rank, world_size)
     dataset = create_dense_dataset(args, "train")
     tasks = output_channels(args.dataset, args.tasks)
-    spec = DATASETS[args.dataset]
 
     torch.manual_seed(args.seed)  # same initial weights on every rank and in every (re)run
-    model = build_model(args, tasks)
+    model = build_model(args)
     if args.backbone_weights:
         try:
             model.encoder.vit.load_timm_state_dict(args.backbone_weights)
@@ -522,8 +528,9 @@ def train(args, rank, world_size, device):
             fail(f"--backbone-weights: {e}")
     model.to(device)
     ema = make_ema(model)
-    # Adam with weight decay 1e-6 as SPEC and the authors' configs (the issue said AdamW).
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    # Adam with L2 weight decay 1e-6 as SPEC and the authors' configs (optimizer: adam); the issue said AdamW.
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                           weight_decay=args.weight_decay)
 
     step = 0
     ckpt = run.load()
@@ -532,13 +539,15 @@ def train(args, rank, world_size, device):
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
         step = ckpt["step"]
-    # BatchNorm running statistics are buffers that change: keep DDP's default buffer broadcast.
+    # BatchNorm running statistics are buffers: DDP's default broadcast from rank 0 keeps them equal.
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else model
     loader = infinite_loader(dataset, batch_size, rank, world_size, args.seed, step, args.num_workers, device)
     run.log(f"TaskDiffusion {args.backbone} C={args.embed_dim} decoder={args.decoder} interaction={args.interaction} "
-            f"level-interaction={not args.no_level_interaction} tasks={','.join(tasks)}: "
-            f"{sum(p.numel() for p in model.parameters()):,} parameters; {len(dataset):,} training items; "
-            f"world size {world_size}, batch {batch_size}/rank; results in {run.dir}")
+            f"level-interaction={not args.no_level_interaction} label-encoding={args.label_encoding} "
+            f"tasks={','.join(tasks)}: {sum(p.numel() for p in model.parameters()):,} parameters; "
+            f"{len(dataset):,} training items; world size {world_size}, batch {batch_size}/rank; results in {run.dir}")
+    show = next(iter(torch.utils.data.DataLoader(create_dense_dataset(args, "val"), batch_size=6))) \
+        if rank == 0 else None
 
     model.train()
     running = torch.zeros(2 + len(tasks), device=device)  # (total, per-task..., count), synced only when logging
@@ -546,13 +555,10 @@ def train(args, rank, world_size, device):
     while step < args.steps:
         seed_step(args.seed, rank, step)  # this step's flips, noise levels and noise depend on it alone
         images, targets = random_flip(*to_device(next(loader), tasks, device))
-        for group in opt.param_groups:  # poly decay, a pure function of the step (exact resume)
+        for group in opt.param_groups:  # poly decay (utils/train_utils.py PolynomialLR), a pure function of step
             group["lr"] = args.lr * (1 - min(step, args.decay_steps) / args.decay_steps) ** 0.9
         with autocast(device, args.bf16):
-            logits, aux = ddp(images, targets)
-        loss, losses = multitask_loss(logits, targets, spec["weights"], spec["edge_pos_weight"])
-        if aux:
-            loss = loss + args.aux_weight * multitask_loss(aux, targets, spec["weights"], spec["edge_pos_weight"])[0]
+            loss, losses = training_loss(ddp, images, targets, args.dataset, args.aux_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -573,13 +579,17 @@ def train(args, rank, world_size, device):
         stop = run.should_stop(step, device)
         if step % args.ckpt_every == 0 or step == args.steps or stop:
             run.save(step, model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict())
+        if rank == 0 and step % args.sample_every == 0 and step != args.steps:
+            model.eval()
+            write_predictions(model, show, tasks, args, os.path.join(run.sample_dir, f"{step:07d}.png"))
+            model.train()
         if stop:
             run.log(f"stop signal received: checkpoint at step {step} written, exiting")
             break
     bar.close()
     if world_size > 1:
         run.log(f"replicas in sync: {replicas_in_sync(model)}")
-    return run, model
+    return run, model, ema
 
 
 #################################################################################
@@ -589,7 +599,7 @@ def train(args, rank, world_size, device):
 @torch.no_grad()
 def ddim_sample(model, images, steps=3, t_diff=1, generator=None):
     """Algorithm 2: z ~ N(0, I); per step decode, re-encode the prediction as x0, DDIM to t_next.
-    Returns (last step's logits at the image size, per-step task-relation maps)."""
+    Returns (last step's logits at the image size, per-step task-relation maps). Call model.eval() first."""
     levels, feats = model.condition(images)
     h, w = levels[0].shape[-2:]
     z = torch.randn(len(images), model.label_encoder.out_channels, h, w, device=images.device, generator=generator)
@@ -605,14 +615,17 @@ def ddim_sample(model, images, steps=3, t_diff=1, generator=None):
         x0 = model.label_encoder(reencode_predictions(logits, model.tasks))
         (alpha, sigma), (alpha_next, sigma_next) = alpha_sigma(log_snr), alpha_sigma(log_snr_next)
         eps = (z - alpha * x0) / sigma.clamp(min=1e-8)
-        z = alpha_next * x0 + sigma_next * eps  # DDIM update
+        z = alpha_next * x0 + sigma_next * eps  # DDIM update (eta = 0)
     return resize(logits, images.shape[-2:]), relations
 
 
-def make_meters(tasks, dataset):
-    return {t: SegMeter(c) if t in ("semseg", "human_parts") else SaliencyMeter() if t == "sal"
-            else NormalsMeter() if t == "normals" else DepthMeter() if t == "depth"
-            else EdgeMeter(max_dist=DATASETS[dataset]["edge_max_dist"]) for t, c in tasks.items()}
+def predict(model, images, steps=3, generator=None):
+    """Inference for any --decoder: (logits at the image size, task-relation maps per step or None)."""
+    if model.decoder_kind == "none":
+        with torch.no_grad():
+            return model(images, None)[0], None
+    logits, relations = ddim_sample(model, images, steps, generator=generator)
+    return logits, relations if relations[0] is not None else None
 
 
 def prediction_maps(logits):
@@ -626,7 +639,7 @@ def prediction_maps(logits):
     return out
 
 
-def colourise(task, x, num_classes):
+def colourise(task, x):
     """A task map (B, ...) -> (B, 3, H, W) in [-1, 1] for the prediction grid."""
     x = x.float().cpu()
     if task in ("semseg", "human_parts"):
@@ -636,21 +649,10 @@ def colourise(task, x, num_classes):
     if task == "normals":
         return x.clamp(-1, 1)
     x = x[:, 0] if x.ndim == 4 else x
-    if task == "depth":
-        valid = x[x > 0]
-        lo, hi = (valid.min(), valid.max()) if valid.numel() else (0, 1)
-        x = 1 - (x - lo) / max(float(hi - lo), 1e-6)  # near = bright
-    x = torch.where(x == IGNORE, torch.zeros_like(x), x)
+    if task == "depth":  # one fixed range for prediction and ground truth: near = bright, 10 m and missing = black
+        x = torch.where(x > 0, 1 - x / 10, 0)
+    x = torch.where(x == IGNORE, 0, x)
     return (x.clamp(0, 1) * 2 - 1)[:, None].repeat(1, 3, 1, 1)
-
-
-def save_predictions(images, preds, targets, tasks, path, n=6):
-    """Rows: image, then per task prediction and ground truth side by side."""
-    tiles = [images[:n].float().cpu()]
-    for t, c in tasks.items():
-        tiles += [colourise(t, preds[t][:n], c), colourise(t, targets[t][:n], c)]
-    grid = torch.stack(tiles, 1).flatten(0, 1)  # image-major
-    save_image_grid(grid, path, nrow=len(tiles))
 
 
 def save_relations_png(relations, path, scale=8):
@@ -664,30 +666,38 @@ def save_relations_png(relations, path, scale=8):
 
 
 @torch.no_grad()
+def write_predictions(model, batch, tasks, args, path, generator=None):
+    """Prediction grid of one batch (rows: image, then per task prediction and ground truth); also the relation
+    maps A_i of the first and last step next to it. Returns (metric inputs, targets)."""
+    device = next(model.parameters()).device
+    images, targets = to_device(batch, tasks, device)
+    with autocast(device, args.bf16):
+        logits, relations = predict(model, images, args.sampling_steps, generator)
+    preds = prediction_maps(logits)
+    if path is not None:
+        tiles = [images.float().cpu()] + [colourise(t, m) for t in tasks for m in (preds[t], targets[t])]
+        save_image_grid(torch.stack(tiles, 1).flatten(0, 1), path, nrow=len(tiles))
+        for k in sorted({0, len(relations) - 1}) if relations else []:
+            save_relations_png(relations[k], path.replace(".png", f"_task_relations_step{k + 1}.png"))
+    return preds, targets
+
+
+@torch.no_grad()
 def evaluate(model, args, device, out_dir=None):
-    """Metrics of every task over the validation set (dataset-level meters); writes PNGs into out_dir."""
+    """Metrics of every task over the validation set (dataset-level meters); PNGs of the first batch in out_dir."""
     tasks = output_channels(args.dataset, args.tasks)
-    dataset = create_dense_dataset(args, "val")
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.eval_batch_size, num_workers=args.num_workers)
-    meters = make_meters(tasks, args.dataset)
-    model.eval()
+    loader = torch.utils.data.DataLoader(create_dense_dataset(args, "val"), batch_size=args.eval_batch_size,
+                                         num_workers=args.num_workers)
+    meters = {t: SegMeter(c) if t in ("semseg", "human_parts") else SaliencyMeter() if t == "sal"
+              else NormalsMeter() if t == "normals" else DepthMeter() if t == "depth"
+              else EdgeMeter(max_dist=DATASETS[args.dataset]["edge_max_dist"]) for t, c in tasks.items()}
+    model.to(device).eval()
     generator = torch.Generator(device).manual_seed(args.seed)  # the same starting noise for every evaluation
     for i, batch in enumerate(loader):
-        images, targets = to_device(batch, tasks, device)
-        with autocast(device, args.bf16):
-            if model.decoder_kind == "none":
-                logits, relations = model(images, None)[0], None
-            else:
-                logits, relations = ddim_sample(model, images, args.sampling_steps, generator=generator)
-        preds = prediction_maps(logits)
+        path = os.path.join(out_dir, "predictions.png") if i == 0 and out_dir else None
+        preds, targets = write_predictions(model, batch, tasks, args, path, generator)
         for t, meter in meters.items():
             meter.update(preds[t], targets[t])
-        if i == 0 and out_dir is not None:
-            save_predictions(images, preds, targets, tasks, os.path.join(out_dir, "predictions.png"))
-            if relations is not None and relations[0] is not None:
-                for k in sorted({0, len(relations) - 1}):
-                    save_relations_png(relations[k], os.path.join(out_dir, f"task_relations_step{k + 1}.png"))
-    model.train()
     return {t: meter.result() for t, meter in meters.items()}
 
 
@@ -709,12 +719,12 @@ def results_table(rows, reference=None):
 #                                     main                                      #
 #################################################################################
 
-# Defaults: the paper's runs (Sec. 4.1: 40K iterations, batch 4, Adam) vs. a CPU-sized demo on the synthetic set.
-PAPER = dict(steps=40_000, global_batch_size=4, lr=2e-5,  # lr 1e-5 on NYUD-v2 ema_decay=0.9999, num_workers=4, log_every=100,
-             ckpt_every=4_000, sample_every=8_000)
+# Defaults: the paper's runs (Sec. 4.1: 40K iterations, batch 4, Adam; lr 1e-5 on NYUD-v2) vs. a CPU-sized demo.
+PAPER = dict(steps=40_000, global_batch_size=4, lr=2e-5, ema_decay=0.9999, num_workers=4, log_every=100,
+             ckpt_every=4_000, sample_every=4_000)
 DEMO = dict(steps=300, global_batch_size=8, lr=1e-3, ema_decay=0.99, num_workers=0, log_every=25,
-            ckpt_every=300, sample_every=100_000)
-EMBED_DIM = {"vit-tiny": 64, "vit-b": 576, "vit-l": 376}  # C of configs/pascal/*.yml; NYUD ViT-L uses 768
+            ckpt_every=300, sample_every=100)
+EMBED_DIM = {"vit-tiny": 32, "vit-b": 576, "vit-l": 376}  # C of configs/pascal/*.yml (NYUD ViT-L: 768); tiny: ours
 
 
 def parse_args(argv=None):
@@ -728,10 +738,12 @@ def parse_args(argv=None):
     p.add_argument("--backbone", choices=["vit-tiny", "vit-b", "vit-l"], default=None,
                    help="default vit-tiny on synthetic, vit-l otherwise")
     p.add_argument("--backbone-weights", default=None, help="timm ViT state dict (.pth / .safetensors)")
-    p.add_argument("--embed-dim", type=int, default=None, help="C (576 ViT-B, 376/768 ViT-L PASCAL/NYUD, 64 tiny)")
+    p.add_argument("--embed-dim", type=int, default=None, help="C (576 ViT-B, 376/768 ViT-L PASCAL/NYUD, 32 tiny)")
     p.add_argument("--decoder", choices=["cross-task", "task-specific", "none"], default="cross-task")
     p.add_argument("--interaction", choices=["task", "concat", "cross-attn"], default="task")
     p.add_argument("--no-level-interaction", action="store_true")
+    p.add_argument("--label-encoding", choices=["cross-task", "separate"], default=None,
+                   help="Table 3: separate = per-task maps, no joint conv (the default of --decoder task-specific)")
     p.add_argument("--scale", type=float, default=0.01, help="scaling factor of the cross-task map")
     p.add_argument("--aux-weight", type=float, default=None, help="default 0.125 (ViT-B, tiny) / 0.25 (ViT-L)")
     p.add_argument("--weight-decay", type=float, default=1e-6)
@@ -739,6 +751,8 @@ def parse_args(argv=None):
     p.add_argument("--decay-steps", type=int, default=None, help="poly LR horizon (default --steps)")
     p.add_argument("--sampling-steps", type=int, default=3, help="inference steps (--steps is training steps)")
     p.add_argument("--eval-batch-size", type=int, default=8)
+    p.add_argument("--eval-weights", choices=["model", "ema"], default="model",
+                   help="weights to evaluate (upstream keeps no EMA: model)")
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=None,
                    help="also train --decoder none for Delta_m (default: on for synthetic)")
     p.add_argument("--eval-only", action="store_true", help="evaluate --ckpt and exit")
@@ -746,30 +760,31 @@ def parse_args(argv=None):
     add_run_args(p)
     args = p.parse_args(argv)
     synthetic = args.dataset == "synthetic"
-    if not synthetic and not args.data_root:
-        p.error(f"--dataset {args.dataset} needs --data-root PATH (or use --dataset synthetic)")
-    tasks = args.tasks.split(",") if args.tasks else list(DATASET_TASKS[args.dataset])
-    unknown = [t for t in tasks if t not in DATASET_TASKS[args.dataset]]
-    if unknown or not tasks:
-        p.error(f"unknown --tasks {unknown} for {args.dataset}; choose from {','.join(DATASET_TASKS[args.dataset])}")
+    known = DATASETS[args.dataset]["tasks"]
+    tasks = args.tasks.split(",") if args.tasks else list(known)
+    if not tasks or any(t not in known for t in tasks):
+        p.error(f"unknown --tasks {args.tasks} for {args.dataset}; choose from {','.join(known)}")
     args.tasks = list(dict.fromkeys(tasks))
     args.backbone = args.backbone or ("vit-tiny" if synthetic else "vit-l")
     size = args.image_size or ([64] if synthetic else [512] if args.dataset == "pascal" else [448, 576])
-    if len(size) > 2:
-        p.error("--image-size takes H or H W")
-    args.image_size = size[0] if len(size) == 1 else tuple(size)
     patch = 8 if args.backbone == "vit-tiny" else 16
-    if any(s % patch for s in size):
-        p.error(f"--image-size {size} must be a multiple of the patch size {patch} of {args.backbone}")
+    if len(size) > 2 or any(s % patch for s in size):
+        p.error(f"--image-size {size}: give H or H W, multiples of the patch size {patch} of {args.backbone}")
+    args.image_size = size[0] if len(size) == 1 else tuple(size)
     args.embed_dim = args.embed_dim or (768 if (args.backbone, args.dataset) == ("vit-l", "nyud")
                                         else EMBED_DIM[args.backbone])
     if args.embed_dim % 4:
         p.error(f"--embed-dim {args.embed_dim} must be divisible by 4 (the per-task label embedding is C/4)")
+    args.label_encoding = args.label_encoding or ("separate" if args.decoder == "task-specific" else "cross-task")
+    if args.decoder == "task-specific" and args.label_encoding != "separate":
+        p.error("--decoder task-specific reads each task's own label map: use --label-encoding separate")
     args.aux_weight = args.aux_weight if args.aux_weight is not None else (0.25 if args.backbone == "vit-l" else 0.125)
     fill_defaults(args, DEMO if synthetic else {**PAPER, "lr": 1e-5} if args.dataset == "nyud" else PAPER)
     args.decay_steps = args.decay_steps or args.steps
     args.num_eval = args.num_eval if args.num_eval is not None else (96 if synthetic else 0)
     args.baseline = synthetic and args.decoder != "none" if args.baseline is None else args.baseline
+    if not synthetic and not args.data_root and not (args.eval_only and args.ckpt):
+        p.error(f"--dataset {args.dataset} needs --data-root PATH (or use --dataset synthetic)")
     if args.eval_only and not args.ckpt:
         p.error("--eval-only needs --ckpt PATH")
     if args.sampling_steps < 1:
@@ -782,12 +797,11 @@ def evaluate_checkpoint(args):
     _, _, device = init_distributed()
     ckpt = load_checkpoint(args.ckpt)
     targs = argparse.Namespace(**{**ckpt["args"], "num_eval": args.num_eval, "sampling_steps": args.sampling_steps,
-                                  "eval_batch_size": args.eval_batch_size, "data_root": args.data_root
-                                  or ckpt["args"]["data_root"]})
-    model = build_model(targs, output_channels(targs.dataset, targs.tasks))
-    load_model_state(model, ckpt["model"], args.ckpt)
-    out_dir = os.path.dirname(os.path.dirname(os.path.abspath(args.ckpt)))
-    results = evaluate(model.to(device), targs, device, out_dir)
+                                  "eval_batch_size": args.eval_batch_size,
+                                  "data_root": args.data_root or ckpt["args"]["data_root"]})
+    model = build_model(targs)
+    load_model_state(model, ckpt[args.eval_weights], args.ckpt)
+    results = evaluate(model, targs, device, os.path.dirname(os.path.dirname(os.path.abspath(args.ckpt))))
     print(results_table({f"{targs.decoder} @ {ckpt['step']}": results}))
     return results
 
@@ -797,21 +811,25 @@ def main(argv=None):
     if args.eval_only:
         return evaluate_checkpoint(args)
     rank, world_size, device = init_distributed()
-    rows, run_dir = {}, None
+    runs = {}
     for decoder in [args.decoder] + (["none"] if args.baseline else []):
-        run_args = argparse.Namespace(**{**vars(args), "decoder": decoder})
-        run, model = train(run_args, rank, world_size, device)
-        run_dir = run_dir or run.dir
-        if rank == 0:  # evaluation on one process; the others wait in cleanup's barrier
-            name = "TaskDiffusion" if decoder != "none" else "baseline (--decoder none)"
-            rows[name] = evaluate(model, run_args, device, run.dir)
-            run.log("evaluation:\n" + results_table({name: rows[name]}))
-    if rank == 0:
-        table = results_table(rows, "baseline (--decoder none)" if len(rows) > 1 else None)
-        print(table + "\n* odsF: pure-Python approximation of SEISM (eval/dense_metrics.py)")
-        with open(os.path.join(run_dir, "results.txt"), "w") as f:
-            f.write(table + "\n")
-    cleanup_distributed()
+        run_args = argparse.Namespace(**{**vars(args), "decoder": decoder,
+                                         "label_encoding": "cross-task" if decoder == "none" else args.label_encoding})
+        name = "TaskDiffusion" if decoder != "none" else "baseline (--decoder none)"
+        run, model, ema = train(run_args, rank, world_size, device)
+        runs[name] = (run, ema if args.eval_weights == "ema" else model, run_args)
+    cleanup_distributed()  # evaluation on rank 0 alone, after the group is gone: it cannot time out a collective
+    if rank != 0:
+        return None
+    rows = {}
+    for name, (run, model, run_args) in runs.items():
+        rows[name] = evaluate(model, run_args, device, run.dir)
+        run.log("evaluation:\n" + results_table({name: rows[name]}))
+    table = results_table(rows, "baseline (--decoder none)" if len(rows) > 1 else None)
+    print(table + "\n* odsF: pure-Python approximation of SEISM (eval/dense_metrics.py)")
+    run_dir = next(iter(runs.values()))[0].dir
+    with open(os.path.join(run_dir, "results.txt"), "w") as f:
+        f.write(table + "\n")
     return run_dir
 
 

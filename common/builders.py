@@ -1,16 +1,20 @@
 """Model, data and sampling helpers shared by the two class-conditional image-diffusion scripts (dtr.py and
 ant_clustering.py): the parts of DiT's train.py / sample_ddp.py that are not about either paper."""
+import argparse
 import math
 import os
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from common.diffusion import classifier_free_guidance, create_diffusion
 from common.dit import DiT, DiT_models
-from common.train_utils import fail, random_hflip, save_image_grid
+from common.train_utils import (TrainingRun, cleanup_distributed, fail, infinite_loader, init_distributed,
+                                load_checkpoint, load_model_state, random_hflip, replicas_in_sync, save_image_grid,
+                                seed_step)
 from common.unet import UNetModel
 
 #################################################################################
@@ -75,24 +79,29 @@ def cfg_label_dropout(model, y):
 
 def create_dataset(data, image_size, num_classes=None, latent=False):
     """Returns (dataset, channels, spatial size, num_classes) for --data synthetic | PATH, --latent DIR."""
-    if latent:
-        from data.latents import LatentDataset
-        ds = LatentDataset(data)
-        c, h, _ = ds.latent_shape
-        return ds, c, h, ds.num_classes
-    if data == "synthetic":
+    if data == "synthetic" and not latent:
         from data.synthetic import SyntheticShapes
         ds = SyntheticShapes(num_samples=10_000, image_size=image_size, num_classes=num_classes or 4)
         return ds, 3, image_size, ds.num_classes
-    from data.image_folder import ImageFolder
-    ds = ImageFolder(data, image_size)
-    return ds, 3, image_size, len(ds.classes)
+    try:
+        if latent:  # pre-extracted SD-VAE latents (data/extract_latents.py); --image-size does not apply
+            from data.latents import LatentDataset
+            ds = LatentDataset(data)
+            c, h, _ = ds.latent_shape
+            return ds, c, h, ds.num_classes
+        from data.image_folder import ImageFolder
+        ds = ImageFolder(data, image_size)
+        return ds, 3, image_size, len(ds.classes)
+    except (FileNotFoundError, ValueError) as e:  # a missing / unfinished folder: one line, no traceback
+        fail(str(e))
 
 
 def prepare_batch(batch, device, latent, flip=True):
     """Move a batch to the device; latent batches sample the stored VAE posterior, pixel batches get a flip."""
     if latent:
         from data.latents import sample_latents
+        if not flip:  # keep the unflipped posterior only (the stored flips are the augmentation)
+            batch = {k: v for k, v in batch.items() if not k.endswith("_flip")}
         x, y = sample_latents(batch)
         return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     x, y = batch
@@ -100,10 +109,23 @@ def prepare_batch(batch, device, latent, flip=True):
     return (random_hflip(x) if flip else x), y
 
 
+def fixed_batch(dataset, num_items, device, latent):
+    """The first num_items items of the data set, unflipped: a fixed batch for analyses (affinity, CKA)."""
+    batch = next(infinite_loader(dataset, min(num_items, len(dataset)), 0, 1, 0, 0))
+    return prepare_batch(batch, device, latent, flip=False)
+
+
 def load_vae(path, device):
-    """The SD VAE (common/vae.py) from a local weight file, for encoding/decoding latents."""
+    """The frozen SD VAE (common/vae.py) from a local weight file, for encoding/decoding latents; one-line errors."""
     from common.vae import AutoencoderKL
-    return AutoencoderKL.from_pretrained_file(path).to(device).eval()
+    if not path or not os.path.isfile(path):
+        fail(f"no VAE weights at {path!r}; pass --vae PATH to a local sd-vae-ft-ema / sd-vae-ft-mse file "
+             f"(diffusers diffusion_pytorch_model.safetensors / .bin, or an LDM .ckpt)")
+    try:
+        vae = AutoencoderKL.from_pretrained_file(path)  # architecture read off the weights
+    except ValueError as e:
+        fail(str(e))
+    return vae.to(device).eval().requires_grad_(False)
 
 
 #################################################################################
@@ -112,8 +134,11 @@ def load_vae(path, device):
 
 @torch.no_grad()
 def sample_images(model, labels, input_shape, sampler="ddpm", num_steps=250, cfg_scale=1.5, cfg_channels=None,
-                  noise_schedule="linear", learn_sigma=True, eta=0.0, vae=None, generator=None, progress=False):
-    """Class-conditional samples in [-1, 1] (decoded through the VAE in latent mode)."""
+                  noise_schedule="linear", learn_sigma=True, eta=0.0, vae=None, generator=None, progress=False,
+                  latent=None):
+    """Class-conditional samples in [-1, 1], decoded through `vae` when given. latent (default: vae is given) turns
+    off the [-1, 1] clipping of the predicted x0, which only holds for pixels (DiT samples latents unclipped)."""
+    latent = vae is not None if latent is None else latent
     respacing = f"ddim{num_steps}" if sampler == "ddim" and 1000 % num_steps == 0 else str(num_steps)
     diffusion = create_diffusion(respacing, noise_schedule, learn_sigma)
     fn = model
@@ -125,7 +150,7 @@ def sample_images(model, labels, input_shape, sampler="ddpm", num_steps=250, cfg
     loop = diffusion.ddim_sample_loop if sampler == "ddim" else diffusion.p_sample_loop
     kwargs = dict(eta=eta) if sampler == "ddim" else {}
     x = loop(fn, shape, noise=noise, model_kwargs=dict(y=labels), progress=progress, generator=generator,
-             clip_denoised=vae is None, **kwargs)
+             clip_denoised=not latent, **kwargs)
     return vae.decode_from_latent(x).clamp(-1, 1) if vae is not None else x.clamp(-1, 1)
 
 
@@ -169,4 +194,162 @@ def sample_to_npz(model, out_dir, num_samples, batch_size, input_shape, num_clas
             os.remove(s)
     if dist.is_initialized():
         dist.barrier()
+    return path
+
+
+#################################################################################
+#             Training-run plumbing (DiT train.py / sample_ddp.py)              #
+#################################################################################
+# The parts of a training script that are the same whatever the paper: command line, DDP / run folder / data set,
+# resume, the periodic log / checkpoint / sample work, and sampling a checkpoint into an ADM .npz. The loop body
+# (the paper's loss and update) stays in each script.
+
+def add_model_data_args(p):
+    """--model, the data flags and the noise schedule."""
+    p.add_argument("--model", default="DiT-Ti/4", help=f"one of {', '.join(MODEL_NAMES)}")
+    p.add_argument("--data", default="synthetic", help="'synthetic', an image folder, or a latent dir (--latent)")
+    p.add_argument("--latent", action="store_true", help="--data holds VAE latents (data/extract_latents.py)")
+    p.add_argument("--image-size", type=int, default=None, help="pixels (default 32 synthetic, 256 folders)")
+    p.add_argument("--num-classes", type=int, default=None, help="synthetic set only (default 4)")
+    p.add_argument("--noise-schedule", choices=["linear", "cosine"], default="cosine",
+                   help="paper: cosine (the DTR authors' example script uses linear)")
+
+
+def add_sampling_args(p):
+    """Sampler flags, --sample-only mode and its checkpoint / output flags."""
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
+    p.add_argument("--num-sampling-steps", type=int, default=None, help="default 250 (paper); 50 on synthetic")
+    p.add_argument("--cfg-scale", type=float, default=1.5)
+    p.add_argument("--cfg-channels", choices=["3", "all"], default="all",
+                   help="guide all eps channels (DTR upstream) or the first 3 (a DiT leftover)")
+    p.add_argument("--sample-only", action="store_true", help="sample --num-samples from --ckpt, write .npz")
+    p.add_argument("--ckpt", default=None)
+    p.add_argument("--num-samples", type=int, default=50_000)
+    p.add_argument("--sample-batch-size", type=int, default=32)
+    p.add_argument("--vae", default=None, help="SD VAE weights (latent checkpoints)")
+
+
+def finish_args(p, args, demo, paper):
+    """Check --model and fill every flag left at None from `demo` (--data synthetic) or `paper` (real data)."""
+    if args.model not in MODEL_NAMES:
+        p.error(f"unknown --model '{args.model}'; choose one of: {', '.join(MODEL_NAMES)}")
+    for key, value in (demo if args.data == "synthetic" else paper).items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return args
+
+
+def start_training(args, name):
+    """DDP, per-rank batch, run folder and data set: (run, device, per-rank batch size, dataset). Records the
+    input shape and class count in args, so a checkpoint can be sampled without the data."""
+    rank, world_size, device = init_distributed()
+    if args.global_batch_size % world_size:
+        fail(f"--global-batch-size {args.global_batch_size} is not divisible by the {world_size} processes")
+    run = TrainingRun(args, name, rank, world_size)
+    dataset, channels, size, num_classes = create_dataset(args.data, args.image_size, args.num_classes, args.latent)
+    args.input_shape, args.num_classes = [channels, size, size], num_classes
+    return run, device, args.global_batch_size // world_size, dataset
+
+
+def resume_training(run, model, ema, opt, **extras):
+    """Load the checkpoint to resume from (if any) into model, EMA, optimiser and every extra with a
+    load_state_dict (None is skipped); returns the step to continue from, 0 for a fresh run."""
+    ckpt = run.load()
+    if ckpt is None:
+        return 0
+    load_model_state(model, ckpt["model"], run.resume_path)
+    ema.load_state_dict(ckpt["ema"])
+    opt.load_state_dict(ckpt["opt"])
+    for key, obj in extras.items():
+        if obj is not None:
+            if key not in ckpt:
+                fail(f"{run.resume_path} has no '{key}' state: resume it with the flags it was trained with")
+            obj.load_state_dict(ckpt[key])
+    return ckpt["step"]
+
+
+def wrap_ddp(model, device, world_size, **ddp_kwargs):
+    """DistributedDataParallel under torchrun, the bare model for a single process."""
+    if world_size == 1:
+        return model
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **ddp_kwargs)
+
+
+def sampling_kwargs(args, noise_schedule, latent, device):
+    """Sampler keyword arguments (sample_images) from the command line; the VAE decodes latents if --vae is set."""
+    return dict(noise_schedule=noise_schedule, num_steps=args.num_sampling_steps, sampler=args.sampler,
+                cfg_scale=args.cfg_scale, cfg_channels=None if args.cfg_channels == "all" else 3, latent=latent,
+                vae=load_vae(args.vae, device) if latent and args.vae else None)
+
+
+def training_batch(loader, model, args, rank, step, device):
+    """This step's batch: re-seed (noise, timesteps, flips, label drops depend on (seed, rank, step) alone, so a
+    resumed run is exact), fetch, flip, and drop labels for classifier-free guidance."""
+    seed_step(args.seed, rank, step)
+    x, y = prepare_batch(next(loader), device, args.latent)
+    return x, cfg_label_dropout(model, y)
+
+
+def end_of_step(run, args, step, device, ema, sample_kw, metrics, state):
+    """The periodic work after optimiser step `step`: a metrics row every --log-every (metrics() -> dict, called
+    only then: it may all-reduce), a checkpoint (state() -> dict) every --ckpt-every, at the end and on a stop
+    signal, an EMA sample grid every --sample-every. Returns True when the run must stop."""
+    if step % args.log_every == 0 or step == args.steps:
+        run.log_metrics(step, images_seen=args.global_batch_size, **metrics())
+    stop = run.should_stop(step, device)
+    if step % args.ckpt_every == 0 or step == args.steps or stop:
+        run.save(step, **state())
+    if run.rank == 0 and (step % args.sample_every == 0 or step == args.steps):
+        path = os.path.join(run.sample_dir, f"{step:07d}.png")
+        write_sample_grid(ema, path, **sample_kw)
+        run.log(f"sample grid {path}")
+    if stop:
+        run.log(f"stop signal received: checkpoint at step {step} written, exiting")
+    return stop
+
+
+def finish_training(run, model, bar):
+    """Close the progress bar, check the DDP replicas agree, leave the process group; returns the run folder."""
+    bar.close()
+    if run.world_size > 1:
+        run.log(f"replicas in sync: {replicas_in_sync(model)}")
+    cleanup_distributed()
+    return run.dir
+
+
+def model_from_checkpoint(ckpt_path, device, prepare=None):
+    """(EMA model in eval mode, training args, checkpoint) of a training script's checkpoint; prepare(model, args)
+    adds what the script builds on top of the plain model (e.g. DTR routing) before the weights are loaded."""
+    ckpt = load_checkpoint(ckpt_path)
+    targs = argparse.Namespace(**ckpt["args"])
+    (channels, size, _), num_classes = targs.input_shape, targs.num_classes
+    model = create_model(targs.model, size, channels, num_classes, learn_sigma=True)
+    if prepare is not None:
+        prepare(model, targs)
+    load_model_state(model, ckpt["ema"], ckpt_path)
+    return model.to(device).eval(), targs, ckpt
+
+
+def sample_main(args, load=model_from_checkpoint):
+    """DiT sample_ddp.py: the EMA model of --ckpt (load(path, device) -> (model, training args, checkpoint)) draws
+    --num-samples images into an ADM .npz; returns its path."""
+    rank, world_size, device = init_distributed()
+    model, targs, ckpt = load(args.ckpt, device)
+    path = sample_checkpoint(args, model, targs, args.ckpt, ckpt["step"], rank, world_size, device)
+    cleanup_distributed()
+    return path
+
+
+def sample_checkpoint(args, model, targs, ckpt_path, step, rank, world_size, device, tag=""):
+    """sample_ddp.py: --num-samples images of a loaded model into <run>/samples-<step>-<sampler>-cfg<scale><tag>/
+    samples.npz (ADM format), rank 0 prints the path and returns it."""
+    if targs.latent and not args.vae:
+        fail("this checkpoint was trained on VAE latents; pass --vae PATH to the SD VAE weights to decode")
+    name = f"samples-{step:07d}-{args.sampler}{args.num_sampling_steps}-cfg{args.cfg_scale}{tag}"
+    out_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(ckpt_path))), name)
+    path = sample_to_npz(model, out_dir, args.num_samples, args.sample_batch_size, tuple(targs.input_shape),
+                         targs.num_classes, device, rank, world_size, args.seed, progress=False,
+                         **sampling_kwargs(args, targs.noise_schedule, targs.latent, device))
+    if rank == 0:
+        print(f"wrote {path}")
     return path

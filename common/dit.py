@@ -78,8 +78,9 @@ class LabelEmbedder(nn.Module):
 
     def forward(self, labels, train, force_drop_ids=None):
         # checked on CPU only: on CUDA the check would cost a host-device sync every step
-        if not labels.is_cuda and labels.numel() and (labels.min() < 0 or labels.max() >= self.embedding_table.num_embeddings):
-            raise ValueError(f"class labels must lie in [0, {self.embedding_table.num_embeddings - 1}] "
+        num_rows = self.embedding_table.num_embeddings
+        if not labels.is_cuda and labels.numel() and (labels.min() < 0 or labels.max() >= num_rows):
+            raise ValueError(f"class labels must lie in [0, {num_rows - 1}] "
                              f"(null class = num_classes = {self.num_classes} needs class_dropout_prob > 0)")
         use_dropout = self.dropout_prob > 0
         if (train and use_dropout) or (force_drop_ids is not None):

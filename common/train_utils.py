@@ -4,7 +4,6 @@ Exact resume rests on two rules: every step's randomness is re-seeded from (seed
 the data order is a pure function of (seed, global batch index) (`ResumableSampler`). A resumed run therefore
 draws exactly the batches and noise the uninterrupted one would have, with no RNG state to carry around.
 """
-import argparse
 import contextlib
 import copy
 import csv
@@ -59,6 +58,16 @@ def all_reduce_mean(x):
         dist.all_reduce(x)
         x /= dist.get_world_size()
     return x
+
+
+@torch.no_grad()
+def all_reduce_mean_(tensors):
+    """Average tensors over ranks in place (gradients kept outside DDP); None entries and one process: no-op."""
+    if dist.is_initialized():
+        for x in tensors:
+            if x is not None:
+                dist.all_reduce(x)
+                x /= dist.get_world_size()
 
 
 @torch.no_grad()
@@ -313,10 +322,8 @@ class TrainingRun:
         if torch.cuda.is_available():
             row["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
         bad = [k for k, v in values.items() if not np.isfinite(float(v))]
-        if bad:
-            self.log(f"step {step}: non-finite {', '.join(bad)}; stopping. The last good checkpoint is kept in "
-                     f"{self.ckpt_dir}; lower --lr or check the data, then --resume auto")
-            raise FloatingPointError(f"non-finite {bad} at step {step}")
+        if bad:  # the metrics are all-reduced: every rank stops here together
+            self._diverged(step, ", ".join(bad))
         if self.rank == 0:
             path = os.path.join(self.dir, "metrics.csv")
             if self._csv_fields is None:
@@ -333,8 +340,20 @@ class TrainingRun:
         self.log(f"step {step:07d} " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "step"))
 
     # ----- checkpoints -------------------------------------------------------
+    def _diverged(self, step, what):
+        """Stop the run (exit status 3, no traceback) on a NaN/inf; earlier checkpoints stay as they are."""
+        message = (f"step {step}: non-finite {what}; stopping. The last good checkpoint is kept in {self.ckpt_dir}; "
+                   f"lower --lr or check the data, then --resume auto")
+        self.log(message)
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(3)
+
     def save(self, step, **state):
-        """Write checkpoints/<step>.pt atomically (rank 0): DiT's {model, ema, opt, args, step} plus extras."""
+        """Write checkpoints/<step>.pt atomically (rank 0): DiT's {model, ema, opt, args, step} plus extras.
+        Weights with a NaN/inf are never written (checked on every rank, so all of them stop together)."""
+        model = state.get("model", {})
+        if not all(torch.isfinite(v).all() for v in model.values() if torch.is_tensor(v) and v.is_floating_point()):
+            self._diverged(step, "model weights (not checkpointed)")
         if self.rank == 0:
             path = os.path.join(self.ckpt_dir, f"{step:07d}.pt")
             save_atomic({**state, "args": vars(self.args), "step": step}, path)

@@ -233,9 +233,11 @@ class AutoencoderKL(nn.Module):
     # ---------------------------------------------------------------- loading pretrained weights
     @classmethod
     def from_pretrained_file(cls, path, weights_only=True, **config):
-        """Build a VAE with `config` and load weights from a diffusers `.bin`/`.safetensors` or an LDM `.ckpt`."""
-        model = cls(**config)
-        state_dict = to_diffusers_state_dict(read_state_dict_file(path, weights_only), len(model.block_out_channels))
+        """Load a diffusers `.bin`/`.safetensors` or an LDM `.ckpt`; the architecture is read off the weights
+        (`infer_config`), except norm_num_groups (not stored; SD's 32). Explicit `config` kwargs take precedence."""
+        raw = read_state_dict_file(path, weights_only)
+        state_dict = to_diffusers_state_dict(raw, count_levels(raw))
+        model = cls(**{**infer_config(state_dict), **config})
         missing, unexpected = _key_mismatch(model.state_dict().keys(), state_dict.keys())
         if missing or unexpected:
             raise ValueError(f"{path!r} does not match AutoencoderKL{tuple(model.block_out_channels)}: missing "
@@ -243,6 +245,28 @@ class AutoencoderKL(nn.Module):
                              f"({len(unexpected)} in all); pass the matching config (block_out_channels, ...)")
         model.load_state_dict(state_dict, strict=True)
         return model
+
+
+def infer_config(state_dict):
+    """AutoencoderKL kwargs implied by a diffusers-keyed state dict ({} for the parts it lacks)."""
+    levels = sorted({int(m[1]) for k in state_dict for m in [re.match(r"encoder\.down_blocks\.(\d+)\.", k)] if m})
+    config = {}
+    if levels and all(f"encoder.down_blocks.{i}.resnets.0.conv2.weight" in state_dict for i in levels):
+        config["block_out_channels"] = tuple(state_dict[f"encoder.down_blocks.{i}.resnets.0.conv2.weight"].shape[0]
+                                             for i in levels)
+        config["layers_per_block"] = len({k.split(".")[4] for k in state_dict
+                                          if k.startswith("encoder.down_blocks.0.resnets.")})
+    for name, key, dim in [("in_channels", "encoder.conv_in.weight", 1), ("out_channels", "decoder.conv_out.weight", 0),
+                           ("latent_channels", "post_quant_conv.weight", 0)]:
+        if key in state_dict:
+            config[name] = state_dict[key].shape[dim]
+    return config
+
+
+def count_levels(state_dict):
+    """Number of encoder resolution levels in a state dict of any supported key layout (0 if none is found)."""
+    pattern = re.compile(r"(?:first_stage_model\.)?encoder\.down(?:_blocks)?\.(\d+)\.")
+    return len({m[1] for k in state_dict for m in [pattern.match(k)] if m})
 
 
 def _key_mismatch(expected, found):

@@ -3,7 +3,8 @@
 On-disk format (written by `LatentShardWriter`, e.g. from data/extract_latents.py):
   root/manifest.json   {"num_samples": N, "latent_shape": [4, 32, 32], "scale_factor": 0.18215,
                         "shards": ["shard_00000.npz", ...], "flip": true, "stores": "mean_std",
-                        "shard_sizes": [n_0, ...]}   ("shard_sizes" optional; extra keys are allowed)
+                        "shard_sizes": [n_0, ...], "num_classes": K, "class_names": [...]}
+                       ("shard_sizes", "num_classes", "class_names" optional; extra keys are allowed)
   root/shard_00000.npz uncompressed npz with
       mean, std            (n, 4, h, w) float16  the VAE posterior N(mean, std^2) of the image
       mean_flip, std_flip  (n, 4, h, w) float16  the same for the horizontally flipped image (when "flip")
@@ -50,6 +51,20 @@ def as_numpy(x, dtype):
     return (x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)).astype(dtype, copy=False)
 
 
+def save_shard(path, arrays):
+    """Write {name: array} as an uncompressed npz (memory-mappable by LatentDataset), atomically."""
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def write_manifest(root, shards, shard_sizes, latent_shape, scale_factor=SD_SCALE_FACTOR, flip=True, extra=None):
+    """Write root/manifest.json atomically; a latent directory counts as complete only once it exists."""
+    manifest = {"num_samples": sum(shard_sizes), "latent_shape": list(latent_shape), "scale_factor": scale_factor,
+                "shards": list(shards), "flip": flip, "stores": "mean_std", "shard_sizes": list(shard_sizes),
+                **(extra or {})}
+    atomic_write(os.path.join(root, "manifest.json"), lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+    return manifest
+
+
 class LatentShardWriter:
     """Buffers latents and writes shard_XXXXX.npz files of shard_size items; close() writes the manifest."""
 
@@ -86,7 +101,7 @@ class LatentShardWriter:
         arrays = {k: np.concatenate(v) for k, v in self.buffer.items() if v}
         self.buffer = {k: [arrays[k][n:]] if k in arrays else [] for k in ARRAY_KEYS}
         name = f"shard_{len(self.shards):05d}.npz"
-        atomic_write(os.path.join(self.root, name), lambda f: np.savez(f, **{k: a[:n] for k, a in arrays.items()}))
+        save_shard(os.path.join(self.root, name), {k: a[:n] for k, a in arrays.items()})
         self.shards.append(name)
         self.shard_sizes.append(n)
         self.buffered -= n
@@ -97,11 +112,8 @@ class LatentShardWriter:
             self.write_shard(self.buffered)
         if not self.shards:
             raise ValueError(f"no latents were added to '{self.root}'; call add() before close()")
-        manifest = {"num_samples": sum(self.shard_sizes), "latent_shape": list(self.latent_shape),
-                    "scale_factor": self.scale_factor, "shards": self.shards, "flip": self.flip,
-                    "stores": "mean_std", "shard_sizes": self.shard_sizes, **self.extra}
-        atomic_write(os.path.join(self.root, "manifest.json"),
-                     lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+        write_manifest(self.root, self.shards, self.shard_sizes, self.latent_shape, self.scale_factor, self.flip,
+                       self.extra)
 
     def __enter__(self):
         return self
@@ -171,6 +183,9 @@ class LatentDataset(Dataset):
             self.keys += ["mean_flip"] + (["std_flip"] if sample_posterior else [])
         self.mapped = {}  # shard index -> memmaps (cheap: nothing is read until indexed)
         self.loaded = (None, None)  # (shard index, arrays) of the last compressed shard
+        self.class_names = self.manifest.get("class_names")
+        self.num_classes = int(self.manifest.get("num_classes") or (len(self.class_names) if self.class_names else 0)
+                               or 1 + max(int(np.max(self.shard(s)["label"])) for s in range(len(self.shards))))
 
     def __getstate__(self):
         # DataLoader workers started by spawn/forkserver get a pickled copy: send no mapped or loaded arrays.

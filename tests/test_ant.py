@@ -339,3 +339,18 @@ def test_interpolate_affinity_is_exact_on_linear_functions():
     A = np.add.outer(timesteps, 2 * timesteps).astype(float)
     full = ant.interpolate_affinity(A, timesteps, 10)
     np.testing.assert_allclose(full, np.add.outer(np.arange(10), 2 * np.arange(10)))
+
+
+def test_pcgrad_matches_the_sequential_projection_on_random_gradients():
+    """The Gram-matrix form equals PCGrad written out with D-dimensional projections (Yu et al. 2020, Alg. 1)."""
+    grads = torch.randn(5, 40, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    grads[1] = -grads[0] + 0.1 * grads[1]  # make sure some pairs conflict
+    for seed in range(4):
+        projected = grads.clone()
+        order = torch.Generator().manual_seed(seed)
+        for i in range(5):
+            for j in torch.randperm(5, generator=order).tolist():
+                dot = projected[i] @ grads[j]
+                if dot < 0:
+                    projected[i] -= dot / (grads[j] @ grads[j] + 1e-8) * grads[j]
+        torch.testing.assert_close(ant.pcgrad(grads, torch.Generator().manual_seed(seed)), projected.sum(0))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from eval.dense_metrics import (DepthMeter, EdgeMeter, NormalsMeter, SaliencyMeter, SegMeter, delta_m,
+from eval.dense_metrics import (DepthMeter, EdgeMeter, SaliencyMeter, SegMeter, delta_m,
                                 depth_rmse, edge_nms, format_table, max_f, miou, normal_mean_error, ods_f, thin)
 
 

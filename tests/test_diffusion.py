@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.diffusion import (GaussianDiffusion, cfg_combine, classifier_free_guidance, create_diffusion,
+from common.diffusion import (cfg_combine, classifier_free_guidance, create_diffusion,
                               discretized_gaussian_log_likelihood, get_beta_schedule, min_snr_weight, normal_kl,
                               p2_weight, space_timesteps)
 

@@ -150,7 +150,7 @@ def test_token_drop_forces_null_class():
 def cfg_inputs(n=2):
     torch.manual_seed(0)
     x_half = torch.randn(n, 4, 8, 8, dtype=torch.float64)
-    x = torch.cat([x_half, torch.randn(n, 4, 8, 8, dtype=torch.float64)])  # second half must be ignored (replaced by the first)
+    x = torch.cat([x_half, torch.randn(n, 4, 8, 8, dtype=torch.float64)])  # ignored: replaced by the first half
     t = torch.tensor([10, 700] * (n // 2) * 2)
     y = torch.cat([torch.randint(0, 10, (n,)), torch.full((n,), 10)])  # uncond half = null class
     return x_half, x, t, y

@@ -156,12 +156,8 @@ def test_sigterm_checkpoints_and_resume_matches_uninterrupted(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_gloo(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-           os.path.join(ROOT, "dtr.py"), *_run_args(tmp_path, 4, ["--loss-weight", "ant-uw", "--ant-k", "2"])]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
+def test_torchrun_two_processes_gloo(tmp_path, run_script):
+    run_script(["dtr.py", *_run_args(tmp_path, 4, ["--loss-weight", "ant-uw", "--ant-k", "2"])], nproc=2)
     log = open(os.path.join(tmp_path, "000-dtr-DiT-Ti-4-dtr", "log.txt")).read()
     assert "world size 2" in log and "replicas in sync: True" in log
     assert "uw_weight_1" in open(os.path.join(tmp_path, "000-dtr-DiT-Ti-4-dtr", "metrics.csv")).readline()

@@ -255,3 +255,21 @@ def test_encoding_count_must_match_weight_columns():
     z = torch.zeros(2, 3)
     with pytest.raises(ValueError, match="encodings"):
         q_sample(sched, z, [z, z, z], torch.tensor([0, 1]))
+
+
+def test_clipped_reverse_step_is_eq5_with_clamped_z0():
+    # clip_denoised (ADM): mu is the x0-form of Eq. (5) at z_0 = Eq. (10) clamped to [-1, 1]; identical to the
+    # eps-form whenever the clamp does not act
+    sched = MTSchedule(get_beta_schedule("cosine", T), _random_weights(T, 1, seed=6))
+    shape, t = (4, 3, 2, 2), torch.tensor([1, 10, 30, 49])
+    z0, e, eps = torch.rand(shape, dtype=torch.float64) * 1.8 - 0.9, torch.randn(shape, dtype=torch.float64), \
+        torch.randn(shape, dtype=torch.float64)
+    zt, noise = q_sample(sched, z0, [e], t, eps), torch.randn(shape, dtype=torch.float64)
+    torch.testing.assert_close(reverse_step(sched, zt, eps, [e], t, noise, clip_denoised=True),
+                               reverse_step(sched, zt, eps, [e], t, noise), rtol=1e-9, atol=1e-9)
+    far = 3 * torch.sign(torch.randn(shape, dtype=torch.float64))  # z_0 outside the data range
+    zt = q_sample(sched, far, [e], t, eps)
+    mean, var = q_posterior(sched, far.clamp(-1, 1), zt, [e], t)
+    torch.testing.assert_close(reverse_step(sched, zt, eps, [e], t, noise, clip_denoised=True),
+                               mean + var.sqrt() * noise, rtol=1e-9, atol=1e-9)
+    assert not torch.allclose(reverse_step(sched, zt, eps, [e], t, noise), mean + var.sqrt() * noise, atol=1e-3)

@@ -71,9 +71,12 @@ def test_training_run_folder_metrics_and_resume(tmp_path):
     assert [float(r["loss"]) for r in rows] == [0.5, 0.25] and "steps_per_sec" in rows[0]
     assert "step 0000002" in open(os.path.join(run.dir, "log.txt")).read()
     run.save(7, model={"w": torch.ones(1)})
-    with pytest.raises(FloatingPointError):
+    with pytest.raises(SystemExit) as e:
         run.log_metrics(8, loss=float("nan"))
-    assert "non-finite" in open(os.path.join(run.dir, "log.txt")).read()
+    assert e.value.code == 3 and "non-finite loss" in open(os.path.join(run.dir, "log.txt")).read()
+    with pytest.raises(SystemExit):  # NaN weights are never checkpointed: 7 stays the latest checkpoint
+        run.save(9, model={"w": torch.tensor([1.0, float("inf")])})
+    assert latest_checkpoint(run.dir).endswith("0000007.pt")
 
     again = TrainingRun(_args(tmp_path, resume="auto"), "demo")
     assert again.dir == run.dir and again.load()["step"] == 7

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from common.safetensors_io import load_safetensors, save_safetensors
-from common.vae import SCALE_FACTOR, AutoencoderKL, Downsample, Upsample
+from common.vae import SCALE_FACTOR, AutoencoderKL, Downsample, Upsample, infer_config
 
 TINY = dict(block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8)
 
@@ -371,3 +371,33 @@ def test_mismatched_checkpoint_raises_one_line_error(tmp_path):
         AutoencoderKL.from_pretrained_file(str(tmp_path / "nope.bin"), **TINY)
     with pytest.raises(ValueError, match="norm_num_groups"):
         AutoencoderKL(block_out_channels=(16, 20), norm_num_groups=8)
+
+
+def test_config_is_read_off_the_weights(tmp_path):
+    """from_pretrained_file(path) alone rebuilds a non-default architecture; norm_num_groups is not in the weights."""
+    torch.manual_seed(0)
+    small = AutoencoderKL(block_out_channels=(32, 64), layers_per_block=3, latent_channels=3)
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        mean, std = small.encode(x)
+    path = str(tmp_path / "diffusion_pytorch_model.safetensors")
+    save_safetensors(small.state_dict(), path)
+    loaded = AutoencoderKL.from_pretrained_file(path)
+    assert loaded.block_out_channels == (32, 64) and len(loaded.encoder.down_blocks[0].resnets) == 3
+    assert loaded.post_quant_conv.in_channels == 3 and len(loaded.decoder.up_blocks[1].resnets) == 4
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(loaded.encode(x), (mean, std)))
+    with torch.device("meta"):
+        assert infer_config(AutoencoderKL().state_dict()) == dict(
+            block_out_channels=(128, 256, 512, 512), layers_per_block=2, in_channels=3, out_channels=3,
+            latent_channels=4)
+
+    # LDM layout: the level count (which reverses the decoder's up.i) also comes from the file.
+    source = tiny_vae()
+    path = str(tmp_path / "sd.ckpt")
+    torch.save({"state_dict": {f"first_stage_model.{k}": v for k, v in to_ldm(source.state_dict()).items()}}, path)
+    with pytest.raises(ValueError, match="norm_num_groups"):  # 16-channel blocks cannot use SD's 32 groups
+        AutoencoderKL.from_pretrained_file(path)
+    loaded = AutoencoderKL.from_pretrained_file(path, norm_num_groups=8)
+    assert loaded.block_out_channels == (16, 32, 32)
+    assert_same_outputs(reference_outputs(loaded), reference_outputs(source))

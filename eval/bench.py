@@ -1,0 +1,321 @@
+"""Benchmarks behind the README's speed and memory claims, printed as ratios measured in one process.
+
+    python -m eval.bench --quick                 # CPU, small shapes, about a minute
+    python -m eval.bench --device cuda           # full size: DiT-L/2 on 32x32x4 latents, batch 32, bf16, SDPA
+
+Sections (--only picks some): dtr (DiT fwd+bwd+AdamW step time and peak memory, routing dtr vs none), mfu (images/s,
+achieved TFLOP/s and MFU of that step), ant (step time of ANT-UW / PCGrad / Nash-MTL over k = 5 clusters vs vanilla),
+dp (interval clustering at T = 1000, k = 8), sampler (DDPM steps/s), taskdiffusion (inference time per image for
+1-10 DDIM steps vs the no-diffusion baseline; ViT-L at 512 px, --quick: tiny ViT at 64 px).
+Timings are medians over interleaved repeats (A, B, A, B, ...), so slow drift of the machine hits both sides alike.
+"""
+import argparse
+import functools
+import statistics
+import time
+
+import torch
+
+import ant_clustering as ant
+import dtr
+import task_diffusion as td
+from common.builders import create_model
+from common.diffusion import create_diffusion
+from common.train_utils import autocast
+
+# Dense bf16 tensor-core peak (TFLOP/s) per GPU name, from NVIDIA's data sheets; --peak-tflops overrides.
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}
+
+
+#################################################################################
+#                                   Timing                                      #
+#################################################################################
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_medians(fns, iters, warmup, device):
+    """{name: median seconds per call} for every callable in fns, run round-robin after `warmup` calls each."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(iters):
+        for name, fn in fns.items():
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def peak_memory(fn, device):
+    """Peak bytes of one call: CUDA's allocator peak on GPU; on CPU the bytes autograd saves for backward
+    (activations, the part of a training step's memory that routing could change)."""
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.numel() * x.element_size()) or x,
+                                                  lambda x: x):
+        fn()
+    return sum(saved)
+
+
+#################################################################################
+#                           Model FLOPs of a DiT step                           #
+#################################################################################
+
+def dit_forward_flops(model, batch_size):
+    """Matmul FLOPs of one DiT forward pass (2 per multiply-add), counted from the architecture.
+
+    Per block with N tokens of width D: qkv 6ND^2, attention out 2ND^2, MLP 16ND^2, QK^T and AV 4N^2D, adaLN 12D^2;
+    plus the patch embedding, the timestep MLP and the final layer. Norms, softmax and elementwise ops are ignored.
+    """
+    D, N, p = model.x_embedder.proj.out_channels, model.num_patches, model.patch_size
+    freq = model.t_embedder.frequency_embedding_size
+    per_block = 24 * N * D * D + 4 * N * N * D + 12 * D * D
+    embed = 2 * N * p * p * model.in_channels * D + 2 * freq * D + 2 * D * D
+    final = 2 * N * D * p * p * model.out_channels + 4 * D * D
+    return batch_size * (len(model.blocks) * per_block + embed + final)
+
+
+def peak_tflops(device, override=None):
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+#################################################################################
+#                                  Sections                                     #
+#################################################################################
+
+def dit_training_step(model, diffusion, batch, bf16, loss_fn=None):
+    """One DiT train.py step on a fixed batch: eps-MSE + vb loss, backward, AdamW update."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
+    x, y = batch
+    device = x.device
+
+    def step():
+        t = torch.randint(0, diffusion.num_timesteps, (len(x),), device=device)
+        with autocast(device, bf16):
+            terms = diffusion.training_losses(model, x, t, dict(y=y))
+        loss = terms["loss"].mean() if loss_fn is None else loss_fn(terms["loss"], t)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def make_dit_pair(args, device):
+    """Vanilla and DTR DiTs with identical weights, plus a fixed batch and the training diffusion."""
+    torch.manual_seed(0)
+    vanilla = create_model(args.model, args.latent_size, 4, 1000).to(device)
+    routed = create_model(args.model, args.latent_size, 4, 1000)
+    routed.load_state_dict(vanilla.state_dict())
+    routed = dtr.add_task_routing(routed, "dtr").to(device)
+    x = torch.randn(args.batch_size, 4, args.latent_size, args.latent_size, device=device)
+    y = torch.randint(0, 1000, (args.batch_size,), device=device)
+    return vanilla, routed, (x, y), create_diffusion("", "cosine", learn_sigma=True)
+
+
+def bench_dtr(args, device, results):
+    vanilla, routed, batch, diffusion = make_dit_pair(args, device)
+    steps = {"vanilla": dit_training_step(vanilla, diffusion, batch, args.bf16),
+             "dtr": dit_training_step(routed, diffusion, batch, args.bf16)}
+    sec = interleaved_medians(steps, args.iters, args.warmup, device)
+    mem = {name: peak_memory(fn, device) for name, fn in steps.items()}
+    what = "peak memory" if device.type == "cuda" else "saved activations"
+    print(f"[dtr] {args.model} batch {args.batch_size} on {args.latent_size}x{args.latent_size}x4, "
+          f"bf16={args.bf16 and device.type == 'cuda'}")
+    print(f"  step time  vanilla {sec['vanilla'] * 1e3:8.1f} ms   dtr {sec['dtr'] * 1e3:8.1f} ms   "
+          f"ratio dtr/vanilla = {sec['dtr'] / sec['vanilla']:.3f}   (target <= 1.01 on GPU)")
+    print(f"  {what:11s} vanilla {mem['vanilla'] / 2**20:8.1f} MiB  dtr {mem['dtr'] / 2**20:8.1f} MiB  "
+          f"ratio dtr/vanilla = {mem['dtr'] / mem['vanilla']:.3f}   (target <= 1.01)")
+    results["dtr_step_ratio"] = sec["dtr"] / sec["vanilla"]
+    results["dtr_memory_ratio"] = mem["dtr"] / mem["vanilla"]
+    results["vanilla_step_s"] = sec["vanilla"]
+    results["vanilla_model"] = vanilla
+
+
+def bench_mfu(args, device, results):
+    if "vanilla_step_s" not in results:
+        bench_dtr(args, device, results)
+    model, sec = results["vanilla_model"], results["vanilla_step_s"]
+    flops = 3 * dit_forward_flops(model, args.batch_size)  # backward = 2x forward (activation + weight grads)
+    achieved = flops / sec / 1e12
+    peak = peak_tflops(device, args.peak_tflops)
+    mfu = f"MFU {achieved / peak:.1%} of {peak:g} TFLOP/s" if peak else "MFU n/a (pass --peak-tflops)"
+    print(f"[mfu] {args.model} fwd+bwd: {args.batch_size / sec:.1f} images/s, "
+          f"{flops / args.batch_size / 1e9:.1f} GFLOP/image, {achieved:.2f} TFLOP/s achieved, {mfu}")
+    results["images_per_s"], results["tflops"] = args.batch_size / sec, achieved
+
+
+def bench_dp(args, device, results, T=1000, k=8):
+    abar = create_diffusion("", "cosine").alphas_cumprod
+    lo, hi = ant.paper_size_bounds(T, k)
+    rows = []
+    for name, build, bounds in [("timestep", lambda: ant.timestep_cost(T), (None, None)),
+                                ("snr", lambda: ant.snr_cost(abar), (lo, hi))]:
+        start = time.perf_counter()
+        cost = build()
+        built = time.perf_counter()
+        ant.interval_clustering(cost, k, *bounds)
+        done = time.perf_counter()
+        rows.append((name, built - start, done - built))
+    print(f"[dp] interval clustering T={T} k={k}: "
+          + "; ".join(f"{n} cost {c * 1e3:.0f} ms + DP {d * 1e3:.0f} ms" for n, c, d in rows))
+    results["dp_seconds"] = max(d for _, _, d in rows)
+
+
+def bench_sampler(args, device, results):
+    vanilla = results.get("vanilla_model") or make_dit_pair(args, device)[0]
+    vanilla.eval()
+    x = torch.randn(args.batch_size, 4, args.latent_size, args.latent_size, device=device)
+    y = torch.randint(0, 1000, (args.batch_size,), device=device)
+    t = torch.zeros(args.batch_size, dtype=torch.long, device=device)
+    diffusion = create_diffusion(str(args.sampling_steps), "cosine")
+
+    @torch.no_grad()
+    def forward():
+        with autocast(device, args.bf16):
+            vanilla(x, t, y)
+
+    @torch.no_grad()
+    def loop():
+        with autocast(device, args.bf16):
+            diffusion.p_sample_loop(vanilla, x.shape, noise=x, model_kwargs=dict(y=y))
+    sec = interleaved_medians({"forward": forward, "loop": loop}, max(1, args.iters // 4), 1, device)
+    per_step = sec["loop"] / args.sampling_steps
+    print(f"[sampler] DDPM-{args.sampling_steps}, batch {args.batch_size}: {1 / per_step:.1f} steps/s, "
+          f"{args.batch_size / sec['loop']:.2f} images/s; "
+          f"sampler step / bare forward = {per_step / sec['forward']:.3f}")
+    results["sampler_steps_per_s"] = 1 / per_step
+
+
+def bench_ant(args, device, results):
+    """One ANT training step (ant_clustering.mtl_backward over k stratified cluster losses + AdamW) per method,
+    against the vanilla step on the same model and batch. Nash-MTL is amortised over its 25-step update cycle."""
+    k = args.ant_k
+    batch_size = max(1, args.batch_size // k) * k  # stratified batches need B divisible by k
+    torch.manual_seed(0)
+    model = create_model(args.model, args.latent_size, 4, 1000).to(device)
+    diffusion = create_diffusion("", "cosine", learn_sigma=True)
+    x = torch.randn(batch_size, 4, args.latent_size, args.latent_size, device=device)
+    y = torch.randint(0, 1000, (batch_size,), device=device)
+    clusters = ant.ClusterLoss(ant.uniform_intervals(diffusion.num_timesteps, k)).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0)
+
+    def ant_step(method, steps):
+        state = ant.mtl_state(method, k, device=device)
+
+        def step():
+            t = clusters.sample_timesteps(batch_size)
+            loss_fn = functools.partial(ant.batch_cluster_losses, diffusion, model, x, y, t, clusters, bf16=args.bf16)
+            opt.zero_grad(set_to_none=True)
+            ant.mtl_backward(method, loss_fn, params, state, next(steps))
+            opt.step()
+        return step
+
+    fns = {"vanilla": dit_training_step(model, diffusion, (x, y), args.bf16),
+           "uw": ant_step("uw", iter(range(10**9))), "pcgrad": ant_step("pcgrad", iter(range(10**9))),
+           "nash-reuse": ant_step("nash", (i for i in range(10**9) if i % 25)),  # alpha reused (24 of 25 steps)
+           "nash-update": ant_step("nash", iter(range(0, 10**9, 25)))}  # alpha re-solved from k gradients
+    sec = interleaved_medians(fns, args.iters, args.warmup, device)
+    sec["nash"] = (24 * sec.pop("nash-reuse") + sec.pop("nash-update")) / 25
+    print(f"[ant] {args.model} batch {batch_size}, k={k} clusters: vanilla {sec['vanilla'] * 1e3:.1f} ms/step")
+    targets = {"uw": "<= 1.03", "pcgrad": f"<= (k+1)/2 = {(k + 1) / 2:g}", "nash": "amortised over 25 steps"}
+    for method, target in targets.items():
+        ratio = sec[method] / sec["vanilla"]
+        print(f"  {method:7s} {sec[method] * 1e3:8.1f} ms   ratio {method}/vanilla = {ratio:.3f}   ({target})")
+        results[f"ant_{method}_ratio"] = ratio
+
+
+def bench_taskdiffusion(args, device, results):
+    """TaskDiffusion inference (Algorithm 2) time per image for 1..10 DDIM steps, against the --decoder none
+    baseline (the same backbone and task branches, no diffusion decoder)."""
+    dataset, backbone, size = ("synthetic", "vit-tiny", 64) if args.quick else ("pascal", "vit-l", 512)
+    tasks = td.output_channels(dataset, td.DATASETS[dataset]["tasks"])
+    torch.manual_seed(0)
+    models = {d: td.TaskDiffusion(tasks, backbone, size, td.EMBED_DIM[backbone], decoder=d).to(device).eval()
+              for d in ("cross-task", "none")}
+    images = torch.randn(args.td_batch_size, 3, size, size, device=device)
+
+    def infer(decoder, steps):
+        def run():
+            with torch.no_grad(), autocast(device, args.bf16):
+                td.predict(models[decoder], images, steps)
+        return run
+    fns = {"baseline": infer("none", 0), **{f"{n} steps": infer("cross-task", n) for n in (1, 3, 5, 10)}}
+    sec = interleaved_medians(fns, max(1, args.iters // 2), 1, device)
+    per_image = {name: s / args.td_batch_size for name, s in sec.items()}
+    print(f"[taskdiffusion] {backbone} {size}x{size} {dataset}, batch {args.td_batch_size}: baseline "
+          f"{per_image['baseline'] * 1e3:.1f} ms/image; "
+          + "; ".join(f"{name} {t * 1e3:.1f} ms ({t / per_image['baseline']:.2f}x)"
+                      for name, t in per_image.items() if name != "baseline"))
+    results["taskdiffusion_3step_ratio"] = per_image["3 steps"] / per_image["baseline"]
+
+
+SECTIONS = {"dtr": bench_dtr, "mfu": bench_mfu, "ant": bench_ant, "dp": bench_dp, "sampler": bench_sampler,
+            "taskdiffusion": bench_taskdiffusion}
+
+
+#################################################################################
+#                                     main                                      #
+#################################################################################
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small CPU-friendly shapes (DiT-S/4, batch 8, few repeats)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--model", default=None, help="DiT for dtr/mfu/sampler (default DiT-L/2; --quick: DiT-S/4)")
+    p.add_argument("--latent-size", type=int, default=32, help="latent side (ImageNet 256 -> 32)")
+    p.add_argument("--batch-size", type=int, default=None, help="per-GPU batch (default 32; --quick: 8)")
+    p.add_argument("--iters", type=int, default=None, help="timed repeats (default 20; --quick: 5)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--sampling-steps", type=int, default=None, help="DDPM steps (default 250; --quick: 10)")
+    p.add_argument("--ant-k", type=int, default=5, help="timestep clusters of the ant section (upstream DiT: 5)")
+    p.add_argument("--td-batch-size", type=int, default=None, help="taskdiffusion images per batch (default 4; "
+                                                                   "--quick: 2)")
+    p.add_argument("--no-bf16", dest="bf16", action="store_false")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, for MFU")
+    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    args = p.parse_args(argv)
+    quick = dict(model="DiT-S/4", batch_size=10, iters=5, sampling_steps=10, td_batch_size=2)
+    full = dict(model="DiT-L/2", batch_size=32, iters=20, sampling_steps=250, td_batch_size=4)
+    for key, value in (quick if args.quick else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    unknown = set(args.only.split(",")) - set(SECTIONS)
+    if unknown:
+        p.error(f"unknown --only section(s) {sorted(unknown)}; choose from {','.join(SECTIONS)}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} "
+          f"({torch.get_num_threads()} threads), torch {torch.__version__}")
+    results = {}
+    for name in args.only.split(","):
+        SECTIONS[name](args, device, results)
+    results.pop("vanilla_model", None)
+    return results
+
+
+if __name__ == "__main__":
+    main()

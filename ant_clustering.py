@@ -30,13 +30,13 @@ from scipy.optimize import minimize
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from common.builders import (add_model_data_args, add_sampling_args, create_dataset, create_model, end_of_step,
-                             finish_args, finish_training, fixed_batch, model_from_checkpoint, resume_training,
-                             sample_checkpoint, sample_main, sampling_kwargs, start_training, training_batch, wrap_ddp)
+from common.builders import (add_model_data_args, add_sampling_args, create_dataset, create_model, finish_args,
+                             fixed_batch, model_from_checkpoint, sample_checkpoint, sample_grid_writer, sample_main,
+                             start_training, training_batch)
 from common.diffusion import create_diffusion, min_snr_weight, p2_weight, snr
-from common.train_utils import (add_run_args, all_reduce_mean, all_reduce_mean_, autocast, cleanup_distributed, fail,
-                                infinite_loader, init_distributed, load_checkpoint, load_model_state, make_ema,
-                                update_ema)
+from common.train_utils import (add_run_args, all_reduce_mean, all_reduce_mean_, autocast, cleanup_distributed,
+                                end_of_step, fail, finish_training, infinite_loader, init_distributed, load_checkpoint,
+                                load_model_state, make_ema, resume_training, update_ema, wrap_ddp)
 
 
 #################################################################################
@@ -684,9 +684,8 @@ def train(args):
     diffusion = create_diffusion("", args.noise_schedule, learn_sigma=True)
     T = diffusion.num_timesteps
     t_lo, t_hi = args.t_range or (0, T - 1)
-    # on resume the checkpoint's clusters replace these (an affinity is not measured again)
-    intervals = uniform_intervals(T, k) if run.resume_path else choose_intervals(args, diffusion, model, dataset,
-                                                                                  run, device)
+    intervals = (uniform_intervals(T, k) if run.resume_path  # replaced by the checkpoint's: no new affinity
+                 else choose_intervals(args, diffusion, model, dataset, run, device))
     clusters = ClusterLoss(intervals, T).to(device)
     state = mtl_state(args.mtl, k, args.seed, device) if args.mtl != "none" else {}
     groups = [{"params": model.parameters()}] + ([state["uw"].param_group(lr=args.uw_lr)] if "uw" in state else [])
@@ -698,8 +697,7 @@ def train(args):
             f"mtl={args.mtl}, loss weight={args.loss_weight}, timesteps [{t_lo}, {t_hi}]; "
             f"{sum(p.numel() for p in model.parameters()):,} parameters; {len(dataset):,} training items; "
             f"world size {run.world_size}, batch {batch_size}/rank; results in {run.dir}")
-    sample_kw = dict(input_shape=(channels, size, size), num_classes=num_classes, device=device,
-                     **sampling_kwargs(args, args.noise_schedule, args.latent, device))
+    sample = sample_grid_writer(ema, args, device)
     params = list(model.parameters())
     # summed on-device, synced only when logging: loss, steps, per-cluster mean losses, per-cluster presence
     running = torch.zeros(2 + 2 * k, device=device)
@@ -745,9 +743,11 @@ def train(args):
                               cluster_means, (counts > 0).float()])
         step += 1
         bar.update(1)
-        if end_of_step(run, args, step, device, ema, sample_kw, metrics, checkpoint):
+        if end_of_step(run, args, step, device, metrics, checkpoint, sample):
             break
-    return finish_training(run, model, bar)
+    finish_training(run, model, bar)
+    cleanup_distributed()
+    return run.dir
 
 
 #################################################################################

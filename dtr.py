@@ -23,13 +23,14 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ant_clustering import ClusterLoss, UncertaintyWeighting, mse_weight, uniform_intervals
-from common.builders import (add_model_data_args, add_sampling_args, create_dataset, create_model, end_of_step,
-                             finish_args, finish_training, fixed_batch, model_from_checkpoint, resume_training,
-                             sample_main, sampling_kwargs, start_training, training_batch, wrap_ddp)
+from common.builders import (add_model_data_args, add_sampling_args, create_dataset, create_model, finish_args,
+                             fixed_batch, model_from_checkpoint, sample_grid_writer, sample_main, start_training,
+                             training_batch)
 from common.diffusion import create_diffusion
 from common.dit import DiT
-from common.train_utils import (add_run_args, all_reduce_mean, all_reduce_mean_, autocast, fail,
-                                infinite_loader, init_distributed, make_ema, update_ema)
+from common.train_utils import (add_run_args, all_reduce_mean, all_reduce_mean_, autocast, cleanup_distributed,
+                                end_of_step, fail, finish_training, infinite_loader, init_distributed, make_ema,
+                                resume_training, update_ema, wrap_ddp)
 from common.unet import AttentionBlock, ResBlock
 
 #################################################################################
@@ -196,8 +197,7 @@ def train(args):
     run.log(f"{args.model} + routing={args.routing} (beta={args.beta}, alpha={args.alpha}): "
             f"{sum(p.numel() for p in model.parameters()):,} parameters; {len(dataset):,} training items; "
             f"world size {run.world_size}, batch {batch_size}/rank; results in {run.dir}")
-    sample_kw = dict(input_shape=(channels, size, size), num_classes=num_classes, device=device,
-                     **sampling_kwargs(args, args.noise_schedule, args.latent, device))
+    sample = sample_grid_writer(ema, args, device)
     running = torch.zeros(2, device=device)  # (sum of losses, count): summed on-device, synced only when logging
 
     def metrics():
@@ -229,9 +229,11 @@ def train(args):
         running += torch.stack([loss.detach().float(), torch.ones((), device=device)])
         step += 1
         bar.update(1)
-        if end_of_step(run, args, step, device, ema, sample_kw, metrics, state):
+        if end_of_step(run, args, step, device, metrics, state, sample):
             break
-    return finish_training(run, model, bar)
+    finish_training(run, model, bar)
+    cleanup_distributed()
+    return run.dir
 
 
 #################################################################################

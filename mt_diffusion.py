@@ -15,14 +15,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from common.builders import ADM_CONFIGS, ADM_SMALL, load_vae
 from common.diffusion import get_beta_schedule, mean_flat, space_timesteps
-from common.train_utils import (TrainingRun, add_run_args, all_reduce_mean, autocast, cleanup_distributed, fail,
-                                fill_defaults, infinite_loader, init_distributed, load_checkpoint, load_model_state,
-                                make_ema, random_hflip, replicas_in_sync, save_image_grid, seed_step, update_ema)
+from common.train_utils import (TrainingRun, add_run_args, all_reduce_mean, autocast, cleanup_distributed, end_of_step,
+                                fail, fill_defaults, finish_training, infinite_loader, init_distributed,
+                                load_checkpoint, load_model_state, make_ema, random_hflip, resume_training,
+                                save_image_grid, seed_step, update_ema, wrap_ddp)
 from common.unet import EncoderUNetModel, UNetModel
 from data.image_folder import ImageFolder
 from data.paired import DIRECTIONS, LAYOUTS, PairedImages, SyntheticPairs
@@ -440,13 +440,8 @@ def train(args):
     ema = make_ema(model)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0)
 
-    step, ckpt = 0, run.load()
-    if ckpt is not None:
-        load_model_state(model, ckpt["model"], run.resume_path)
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
-        step = ckpt["step"]
-    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else model
+    step = resume_training(run, model, ema, opt)
+    ddp = wrap_ddp(model, device, world_size)
     loader = infinite_loader(dataset, batch_size, rank, world_size, args.seed, step, args.num_workers, device)
     run.log(f"MT-Diffusion-{args.variant} {args.setting} ({args.model}, head {type(model.head).__name__} on "
             f"{model.head_input}): {sum(p.numel() for p in model.parameters()):,} parameters; {len(dataset):,} "
@@ -454,8 +449,21 @@ def train(args):
             f"{world_size}, batch {batch_size}/rank; results in {run.dir}")
     show = next(iter(torch.utils.data.DataLoader(eval_set, batch_size=8)))
 
-    model.train()
     running = torch.zeros(4, device=device)  # (loss, mse, decoder, count): summed on-device, synced when logging
+
+    def metrics():
+        total = all_reduce_mean(running)
+        loss_avg, mse_avg, decoder_avg = (total[:3] / total[3]).tolist()
+        running.zero_()
+        return dict(loss=loss_avg, mse=mse_avg, decoder=decoder_avg)
+
+    def state():
+        return dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict())
+
+    def sample(path):
+        sample_grid(args, ema, task, sched, show, path, run.log)
+
+    model.train()
     bar = tqdm(total=args.steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
     while step < args.steps:
         seed_step(args.seed, rank, step)  # this step's noise, timesteps, flips and masks depend on it alone
@@ -474,23 +482,9 @@ def train(args):
                                 torch.ones((), device=device)])
         step += 1
         bar.update(1)
-
-        if step % args.log_every == 0 or step == args.steps:
-            total = all_reduce_mean(running)
-            loss_avg, mse_avg, decoder_avg = (total[:3] / total[3]).tolist()
-            run.log_metrics(step, images_seen=args.global_batch_size, loss=loss_avg, mse=mse_avg, decoder=decoder_avg)
-            running.zero_()
-        stop = run.should_stop(step, device)
-        if step % args.ckpt_every == 0 or step == args.steps or stop:
-            run.save(step, model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict())
-        if rank == 0 and step % args.sample_every == 0 and step != args.steps:
-            sample_grid(args, ema, task, sched, show, os.path.join(run.sample_dir, f"{step:07d}.png"), run.log)
-        if stop:
-            run.log(f"stop signal received: checkpoint at step {step} written, exiting")
+        if end_of_step(run, args, step, device, metrics, state, sample, sample_last=False):  # final_evaluation draws it
             break
-    bar.close()
-    if world_size > 1:
-        run.log(f"replicas in sync: {replicas_in_sync(model)}")
+    finish_training(run, model, bar)
     cleanup_distributed()
     if rank == 0 and step == args.steps:  # rank 0 alone, after the group is gone: long evaluations cannot time out
         final_evaluation(args, ema, task, sched, eval_set, show, run.dir, step, run.log)

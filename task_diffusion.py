@@ -24,12 +24,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from common.train_utils import (TrainingRun, add_run_args, all_reduce_mean, autocast, cleanup_distributed, fail,
-                                fill_defaults, infinite_loader, init_distributed, load_checkpoint, load_model_state,
-                                make_ema, replicas_in_sync, save_image_grid, seed_step, update_ema)
+from common.train_utils import (TrainingRun, add_run_args, all_reduce_mean, autocast, cleanup_distributed, end_of_step,
+                                fail, fill_defaults, finish_training, infinite_loader, init_distributed,
+                                load_checkpoint, load_model_state, make_ema, resume_training, save_image_grid,
+                                seed_step, update_ema, wrap_ddp)
 from common.vit import VisionTransformer, vit_base_patch16, vit_large_patch16
 from eval.dense_metrics import (DepthMeter, EdgeMeter, NormalsMeter, SaliencyMeter, SegMeter, delta_m,
                                 format_table)
@@ -532,15 +532,8 @@ def train(args, rank, world_size, device):
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                            weight_decay=args.weight_decay)
 
-    step = 0
-    ckpt = run.load()
-    if ckpt is not None:
-        load_model_state(model, ckpt["model"], run.resume_path)
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
-        step = ckpt["step"]
-    # BatchNorm running statistics are buffers: DDP's default broadcast from rank 0 keeps them equal.
-    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else model
+    step = resume_training(run, model, ema, opt)
+    ddp = wrap_ddp(model, device, world_size)  # BatchNorm statistics: DDP's default buffer broadcast keeps them equal
     loader = infinite_loader(dataset, batch_size, rank, world_size, args.seed, step, args.num_workers, device)
     run.log(f"TaskDiffusion {args.backbone} C={args.embed_dim} decoder={args.decoder} interaction={args.interaction} "
             f"level-interaction={not args.no_level_interaction} label-encoding={args.label_encoding} "
@@ -549,8 +542,23 @@ def train(args, rank, world_size, device):
     show = next(iter(torch.utils.data.DataLoader(create_dense_dataset(args, "val"), batch_size=6))) \
         if rank == 0 else None
 
-    model.train()
     running = torch.zeros(2 + len(tasks), device=device)  # (total, per-task..., count), synced only when logging
+
+    def metrics():
+        total = all_reduce_mean(running)
+        values = (total[:-1] / total[-1]).tolist()
+        running.zero_()
+        return dict(loss=values[0], lr=opt.param_groups[0]["lr"], **{f"loss_{t}": v for t, v in zip(tasks, values[1:])})
+
+    def state():
+        return dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict())
+
+    def sample(path):
+        model.eval()
+        write_predictions(model, show, tasks, args, path)
+        model.train()
+
+    model.train()
     bar = tqdm(total=args.steps, initial=step, disable=rank != 0, desc=f"train {args.decoder}", dynamic_ncols=True)
     while step < args.steps:
         seed_step(args.seed, rank, step)  # this step's flips, noise levels and noise depend on it alone
@@ -569,26 +577,9 @@ def train(args, rank, world_size, device):
         running += torch.stack([loss.detach()] + [losses[t].detach() for t in tasks] + [loss.new_ones(())])
         step += 1
         bar.update(1)
-
-        if step % args.log_every == 0 or step == args.steps:
-            total = all_reduce_mean(running)
-            values = (total[:-1] / total[-1]).tolist()
-            run.log_metrics(step, images_seen=args.global_batch_size, loss=values[0],
-                            lr=opt.param_groups[0]["lr"], **{f"loss_{t}": v for t, v in zip(tasks, values[1:])})
-            running.zero_()
-        stop = run.should_stop(step, device)
-        if step % args.ckpt_every == 0 or step == args.steps or stop:
-            run.save(step, model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict())
-        if rank == 0 and step % args.sample_every == 0 and step != args.steps:
-            model.eval()
-            write_predictions(model, show, tasks, args, os.path.join(run.sample_dir, f"{step:07d}.png"))
-            model.train()
-        if stop:
-            run.log(f"stop signal received: checkpoint at step {step} written, exiting")
+        if end_of_step(run, args, step, device, metrics, state, sample, sample_last=False):  # evaluate() draws it
             break
-    bar.close()
-    if world_size > 1:
-        run.log(f"replicas in sync: {replicas_in_sync(model)}")
+    finish_training(run, model, bar)
     return run, model, ema
 
 

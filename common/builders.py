@@ -1,20 +1,19 @@
 """Model, data and sampling helpers shared by the two class-conditional image-diffusion scripts (dtr.py and
 ant_clustering.py): the parts of DiT's train.py / sample_ddp.py that are not about either paper."""
 import argparse
+import functools
 import math
 import os
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from common.diffusion import classifier_free_guidance, create_diffusion
 from common.dit import DiT, DiT_models
 from common.train_utils import (TrainingRun, cleanup_distributed, fail, infinite_loader, init_distributed,
-                                load_checkpoint, load_model_state, random_hflip, replicas_in_sync, save_image_grid,
-                                seed_step)
+                                load_checkpoint, load_model_state, random_hflip, save_image_grid, seed_step)
 from common.unet import UNetModel
 
 #################################################################################
@@ -251,35 +250,17 @@ def start_training(args, name):
     return run, device, args.global_batch_size // world_size, dataset
 
 
-def resume_training(run, model, ema, opt, **extras):
-    """Load the checkpoint to resume from (if any) into model, EMA, optimiser and every extra with a
-    load_state_dict (None is skipped); returns the step to continue from, 0 for a fresh run."""
-    ckpt = run.load()
-    if ckpt is None:
-        return 0
-    load_model_state(model, ckpt["model"], run.resume_path)
-    ema.load_state_dict(ckpt["ema"])
-    opt.load_state_dict(ckpt["opt"])
-    for key, obj in extras.items():
-        if obj is not None:
-            if key not in ckpt:
-                fail(f"{run.resume_path} has no '{key}' state: resume it with the flags it was trained with")
-            obj.load_state_dict(ckpt[key])
-    return ckpt["step"]
-
-
-def wrap_ddp(model, device, world_size, **ddp_kwargs):
-    """DistributedDataParallel under torchrun, the bare model for a single process."""
-    if world_size == 1:
-        return model
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **ddp_kwargs)
-
-
 def sampling_kwargs(args, noise_schedule, latent, device):
     """Sampler keyword arguments (sample_images) from the command line; the VAE decodes latents if --vae is set."""
     return dict(noise_schedule=noise_schedule, num_steps=args.num_sampling_steps, sampler=args.sampler,
                 cfg_scale=args.cfg_scale, cfg_channels=None if args.cfg_channels == "all" else 3, latent=latent,
                 vae=load_vae(args.vae, device) if latent and args.vae else None)
+
+
+def sample_grid_writer(ema, args, device):
+    """path -> write_sample_grid of the EMA model with the command line's sampler: end_of_step's `sample`."""
+    return functools.partial(write_sample_grid, ema, input_shape=tuple(args.input_shape), num_classes=args.num_classes,
+                             device=device, **sampling_kwargs(args, args.noise_schedule, args.latent, device))
 
 
 def training_batch(loader, model, args, rank, step, device):
@@ -288,33 +269,6 @@ def training_batch(loader, model, args, rank, step, device):
     seed_step(args.seed, rank, step)
     x, y = prepare_batch(next(loader), device, args.latent)
     return x, cfg_label_dropout(model, y)
-
-
-def end_of_step(run, args, step, device, ema, sample_kw, metrics, state):
-    """The periodic work after optimiser step `step`: a metrics row every --log-every (metrics() -> dict, called
-    only then: it may all-reduce), a checkpoint (state() -> dict) every --ckpt-every, at the end and on a stop
-    signal, an EMA sample grid every --sample-every. Returns True when the run must stop."""
-    if step % args.log_every == 0 or step == args.steps:
-        run.log_metrics(step, images_seen=args.global_batch_size, **metrics())
-    stop = run.should_stop(step, device)
-    if step % args.ckpt_every == 0 or step == args.steps or stop:
-        run.save(step, **state())
-    if run.rank == 0 and (step % args.sample_every == 0 or step == args.steps):
-        path = os.path.join(run.sample_dir, f"{step:07d}.png")
-        write_sample_grid(ema, path, **sample_kw)
-        run.log(f"sample grid {path}")
-    if stop:
-        run.log(f"stop signal received: checkpoint at step {step} written, exiting")
-    return stop
-
-
-def finish_training(run, model, bar):
-    """Close the progress bar, check the DDP replicas agree, leave the process group; returns the run folder."""
-    bar.close()
-    if run.world_size > 1:
-        run.log(f"replicas in sync: {replicas_in_sync(model)}")
-    cleanup_distributed()
-    return run.dir
 
 
 def model_from_checkpoint(ckpt_path, device, prepare=None):

@@ -18,6 +18,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -382,3 +383,60 @@ class TrainingRun:
         flag = torch.tensor([float(self.stop_requested)], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+
+#################################################################################
+#            The loop's bookkeeping (DiT train.py), shared by all scripts       #
+#################################################################################
+# Each script keeps its own loop body (the paper's loss and update); what happens around it is the same everywhere.
+
+def resume_training(run, model, ema, opt, **extras):
+    """Load the checkpoint to resume from (if any) into model, EMA, optimiser and every extra with a
+    load_state_dict (None is skipped); returns the step to continue from, 0 for a fresh run."""
+    ckpt = run.load()
+    if ckpt is None:
+        return 0
+    load_model_state(model, ckpt["model"], run.resume_path)
+    ema.load_state_dict(ckpt["ema"])
+    opt.load_state_dict(ckpt["opt"])
+    for key, obj in extras.items():
+        if obj is not None:
+            if key not in ckpt:
+                fail(f"{run.resume_path} has no '{key}' state: resume it with the flags it was trained with")
+            obj.load_state_dict(ckpt[key])
+    return ckpt["step"]
+
+
+def wrap_ddp(model, device, world_size, **ddp_kwargs):
+    """DistributedDataParallel under torchrun, the bare model for a single process."""
+    if world_size == 1:
+        return model
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, **ddp_kwargs)
+
+
+def end_of_step(run, args, step, device, metrics, state, sample=None, sample_last=True):
+    """The periodic work after optimiser step `step`: a metrics row every --log-every (metrics() -> dict, called
+    only then: it may all-reduce), a checkpoint (state() -> dict) every --ckpt-every, at the end and on a stop
+    signal, and on rank 0 sample(path) writing a PNG every --sample-every (and at the last step unless
+    sample_last=False: a script whose final evaluation draws it). Returns True when the run must stop."""
+    last = step == args.steps
+    if step % args.log_every == 0 or last:
+        run.log_metrics(step, images_seen=args.global_batch_size, **metrics())
+    stop = run.should_stop(step, device)
+    if step % args.ckpt_every == 0 or last or stop:
+        run.save(step, **state())
+    sample_due = sample_last if last else step % args.sample_every == 0
+    if run.rank == 0 and sample is not None and sample_due:
+        path = os.path.join(run.sample_dir, f"{step:07d}.png")
+        sample(path)
+        run.log(f"samples {path}")
+    if stop:
+        run.log(f"stop signal received: checkpoint at step {step} written, exiting")
+    return stop
+
+
+def finish_training(run, model, bar):
+    """Close the progress bar and log whether the DDP replicas agree (the caller leaves the process group)."""
+    bar.close()
+    if run.world_size > 1:
+        run.log(f"replicas in sync: {replicas_in_sync(model)}")

@@ -352,8 +352,8 @@ class TrainingRun:
     def save(self, step, **state):
         """Write checkpoints/<step>.pt atomically (rank 0): DiT's {model, ema, opt, args, step} plus extras.
         Weights with a NaN/inf are never written (checked on every rank, so all of them stop together)."""
-        model = state.get("model", {})
-        if not all(torch.isfinite(v).all() for v in model.values() if torch.is_tensor(v) and v.is_floating_point()):
+        finite = [torch.isfinite(v).all() for v in state.get("model", {}).values() if v.is_floating_point()]
+        if finite and not bool(torch.stack(finite).all()):  # one host-device sync for the whole model
             self._diverged(step, "model weights (not checkpointed)")
         if self.rank == 0:
             path = os.path.join(self.ckpt_dir, f"{step:07d}.pt")

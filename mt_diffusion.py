@@ -27,6 +27,7 @@ from common.unet import EncoderUNetModel, UNetModel
 from data.image_folder import ImageFolder
 from data.paired import DIRECTIONS, LAYOUTS, PairedImages, SyntheticPairs
 from data.synthetic import SyntheticShapes
+from eval.image_metrics import psnr_db, ssim_map
 
 
 #################################################################################
@@ -607,25 +608,6 @@ def restore(model, task, chain, images, keep, generator=None):
     known = keep if factor == 1 else 1 - F.max_pool2d(1 - keep, factor)
     z0, _ = mt_sample(model, chain, [encoding], encoding.shape, generator, known=(known, encoding))
     return torch.where(keep.bool(), images, to_pixels(z0, task.vae))
-
-
-def psnr_db(a, b, hole=None):
-    """Per-image PSNR in dB of images in [-1, 1] (data range 2), over the pixels where hole = 1 (default all)."""
-    hole = torch.ones_like(a) if hole is None else hole.expand_as(a)
-    mse = ((a - b) ** 2 * hole).sum(dim=(1, 2, 3)) / hole.sum(dim=(1, 2, 3))
-    return 10 * torch.log10(4.0 / mse)
-
-
-def ssim_map(a, b, data_range=2.0):
-    """Per-pixel SSIM (Wang et al. 2004): 11x11 Gaussian window, sigma 1.5, K1 = 0.01, K2 = 0.03, per channel,
-    borders replicated."""
-    g = torch.exp(-(torch.arange(11, device=a.device, dtype=a.dtype) - 5) ** 2 / (2 * 1.5 ** 2))
-    window = (g[:, None] * g[None, :] / g.sum() ** 2).expand(a.shape[1], 1, 11, 11)
-    blur = lambda v: F.conv2d(F.pad(v, (5, 5, 5, 5), mode="replicate"), window, groups=a.shape[1])
-    mu_a, mu_b = blur(a), blur(b)
-    var_a, var_b, cov = blur(a * a) - mu_a ** 2, blur(b * b) - mu_b ** 2, blur(a * b) - mu_a * mu_b
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    return (2 * mu_a * mu_b + c1) * (2 * cov + c2) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
 
 
 def restoration_metrics(restored, original, keep):

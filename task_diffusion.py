@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 
 from common.train_utils import (TrainingRun, add_run_args, all_reduce_mean, autocast, cleanup_distributed, end_of_step,
                                 fail, fill_defaults, finish_training, infinite_loader, init_distributed,
-                                load_checkpoint, load_model_state, make_ema, resume_training, save_image_grid,
-                                seed_step, update_ema, wrap_ddp)
+                                load_checkpoint, load_model_state, make_ema, random_hflip, resume_training,
+                                save_image_grid, seed_step, update_ema, wrap_ddp)
 from common.vit import VisionTransformer, vit_base_patch16, vit_large_patch16
 from eval.dense_metrics import (DepthMeter, EdgeMeter, NormalsMeter, SaliencyMeter, SegMeter, delta_m,
                                 format_table)
@@ -491,12 +491,11 @@ def to_device(batch, tasks, device):
 def random_flip(images, targets):
     """Horizontal flip with p = 0.5 per image, on-device, of the image and every label; normals negate n_x."""
     flip = torch.rand(images.shape[0], device=images.device) < 0.5
-    pick = lambda x: torch.where(flip.view(-1, *[1] * (x.ndim - 1)), x.flip(-1), x)
-    out = {t: pick(y) for t, y in targets.items()}
-    if "normals" in out:
+    out = {t: random_hflip(y, flip) for t, y in targets.items()}
+    if "normals" in out:  # a mirrored surface faces the other way along x
         sign = torch.tensor([-1.0, 1.0, 1.0], device=images.device).view(1, 3, 1, 1)
         out["normals"] = torch.where(flip.view(-1, 1, 1, 1), out["normals"] * sign, out["normals"])
-    return pick(images), out
+    return random_hflip(images, flip), out
 
 
 #################################################################################

@@ -122,9 +122,10 @@ def infinite_loader(dataset, batch_size, rank, world_size, seed, start_batch, nu
         pin_memory=device is not None and device.type == "cuda", persistent_workers=num_workers > 0))
 
 
-def random_hflip(x):
-    """Flip each image of a batch horizontally with p = 0.5 (done on-device so the data order stays exact)."""
-    flip = torch.rand(x.shape[0], device=x.device) < 0.5
+def random_hflip(x, flip=None):
+    """Flip each image of a batch horizontally with p = 0.5 (done on-device so the data order stays exact); pass
+    the (B,) bool `flip` of one draw to flip several tensors alike (an image and its label maps)."""
+    flip = torch.rand(x.shape[0], device=x.device) < 0.5 if flip is None else flip
     return torch.where(flip.view(-1, *([1] * (x.ndim - 1))), x.flip(-1), x)
 
 

@@ -301,3 +301,18 @@ def test_torchrun_two_processes_gloo(tmp_path, run_script):
     assert "Delta_m" not in out.stdout and "semseg mIoU" in out.stdout  # rank 0 evaluated and printed once
     for name in ["results.txt", "predictions.png", "predictions_task_relations_step3.png", "checkpoints/0000002.pt"]:
         assert os.path.exists(os.path.join(run_dir, name)), name
+
+
+def test_random_flip_mirrors_image_and_labels_together_and_turns_normals():
+    torch.manual_seed(3)
+    images = torch.randn(8, 3, 4, 5)
+    targets = {"semseg": torch.randint(0, 5, (8, 4, 5)), "normals": F.normalize(torch.randn(8, 3, 4, 5), dim=1)}
+    flipped, out = td.random_flip(images, targets)
+    was_flipped = [not torch.equal(flipped[b], images[b]) for b in range(8)]
+    assert 0 < sum(was_flipped) < 8
+    for b, f in enumerate(was_flipped):
+        mirror = (lambda x: x.flip(-1)) if f else (lambda x: x)
+        assert torch.equal(flipped[b], mirror(images[b])) and torch.equal(out["semseg"][b], mirror(targets["semseg"][b]))
+        n = mirror(targets["normals"][b]).clone()
+        n[0] = -n[0] if f else n[0]  # the x component of a mirrored normal changes sign
+        assert torch.equal(out["normals"][b], n)

@@ -36,7 +36,7 @@ from common.builders import (add_model_data_args, add_sampling_args, create_data
 from common.diffusion import create_diffusion, min_snr_weight, p2_weight, snr
 from common.train_utils import (add_run_args, all_reduce_mean, all_reduce_mean_, autocast, cleanup_distributed,
                                 end_of_step, fail, finish_training, infinite_loader, init_distributed, load_checkpoint,
-                                load_model_state, make_ema, resume_training, update_ema, wrap_ddp)
+                                load_model_state, make_ema, resume_training, run_dir_of, update_ema, wrap_ddp)
 
 
 #################################################################################
@@ -876,7 +876,7 @@ def affinity_analysis(args):
         return model.to(device)
 
     affinity = measure_affinity(map(training_weights, args.task_affinity), diffusion, x, y, args)
-    out = os.path.dirname(os.path.dirname(os.path.abspath(args.task_affinity[0])))
+    out = run_dir_of(args.task_affinity[0])
     save_affinity(affinity, os.path.join(out, "affinity.npy"), os.path.join(out, "affinity.png"))
     print(f"task affinity over {len(args.task_affinity)} checkpoint(s), {len(x)} images: "
           f"{os.path.join(out, 'affinity.npy')}")

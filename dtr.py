@@ -30,7 +30,7 @@ from common.diffusion import create_diffusion
 from common.dit import DiT
 from common.train_utils import (add_run_args, all_reduce_mean, all_reduce_mean_, autocast, cleanup_distributed,
                                 end_of_step, fail, finish_training, infinite_loader, init_distributed, make_ema,
-                                resume_training, update_ema, wrap_ddp)
+                                resume_training, run_dir_of, update_ema, wrap_ddp)
 from common.unet import AttentionBlock, ResBlock
 
 #################################################################################
@@ -288,7 +288,7 @@ def cka_analysis(args, num_images=64, num_timesteps=20):
     x, y = fixed_batch(dataset, num_images, device, targs.latent)
     timesteps = np.linspace(0, 999, num_timesteps).round().astype(int)
     cka = timestep_cka(model, create_diffusion("", targs.noise_schedule), x, y, timesteps)
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(args.ckpt))), f"cka-{ckpt['step']:07d}.png")
+    path = os.path.join(run_dir_of(args.ckpt), f"cka-{ckpt['step']:07d}.png")
     save_cka_png(cka, path)
     print(f"wrote {path} ({cka.shape[0]} blocks x {num_timesteps} timesteps)")
     return path

@@ -22,7 +22,7 @@ from common.diffusion import get_beta_schedule, mean_flat, space_timesteps
 from common.train_utils import (TrainingRun, add_run_args, all_reduce_mean, autocast, cleanup_distributed, end_of_step,
                                 fail, fill_defaults, finish_training, infinite_loader, init_distributed,
                                 load_checkpoint, load_model_state, make_ema, random_hflip, resume_training,
-                                save_image_grid, seed_step, update_ema, wrap_ddp)
+                                run_dir_of, save_image_grid, seed_step, update_ema, wrap_ddp)
 from common.unet import EncoderUNetModel, UNetModel
 from data.image_folder import ImageFolder
 from data.paired import DIRECTIONS, LAYOUTS, PairedImages, SyntheticPairs
@@ -433,10 +433,8 @@ class Task:
 
 def train(args):
     rank, world_size, device = init_distributed()
-    if args.global_batch_size % world_size:
-        fail(f"--global-batch-size {args.global_batch_size} is not divisible by the {world_size} processes")
-    batch_size = args.global_batch_size // world_size
     run = TrainingRun(args, f"mt-{args.setting}-{args.variant}", rank, world_size)
+    batch_size = run.batch_size
     dataset, eval_set, task, model, sched = build(args, device)
     ema = make_ema(model)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0)
@@ -738,7 +736,7 @@ def evaluate_checkpoint(args):
         setattr(run_args, key, getattr(args, key))
     _, eval_set, task, model, sched = build(run_args, device)
     load_model_state(model, ckpt["ema"], args.ckpt)
-    out_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(args.ckpt))), f"eval-{ckpt['step']:07d}")
+    out_dir = os.path.join(run_dir_of(args.ckpt), f"eval-{ckpt['step']:07d}")
     os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
     show = next(iter(torch.utils.data.DataLoader(eval_set, batch_size=8)))
     final_evaluation(run_args, model, task, sched, eval_set, show, out_dir, ckpt["step"], print)

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from common.train_utils import (TrainingRun, add_run_args, all_reduce_mean, autocast, cleanup_distributed, end_of_step,
                                 fail, fill_defaults, finish_training, infinite_loader, init_distributed,
                                 load_checkpoint, load_model_state, make_ema, random_hflip, resume_training,
-                                save_image_grid, seed_step, update_ema, wrap_ddp)
+                                run_dir_of, save_image_grid, seed_step, update_ema, wrap_ddp)
 from common.vit import VisionTransformer, vit_base_patch16, vit_large_patch16
 from eval.dense_metrics import (DepthMeter, EdgeMeter, NormalsMeter, SaliencyMeter, SegMeter, delta_m,
                                 format_table)
@@ -511,10 +511,8 @@ def build_model(args):
 
 def train(args, rank, world_size, device):
     """Train one model; returns (run, model, ema). Every rank returns; the caller tears the group down."""
-    if args.global_batch_size % world_size:
-        fail(f"--global-batch-size {args.global_batch_size} is not divisible by the {world_size} processes")
-    batch_size = args.global_batch_size // world_size
     run = TrainingRun(args, f"taskdiffusion-{args.dataset}-{args.backbone}-{args.decoder}", rank, world_size)
+    batch_size = run.batch_size
     dataset = create_dense_dataset(args, "train")
     tasks = output_channels(args.dataset, args.tasks)
 
@@ -791,7 +789,7 @@ def evaluate_checkpoint(args):
                                   "data_root": args.data_root or ckpt["args"]["data_root"]})
     model = build_model(targs)
     load_model_state(model, ckpt[args.eval_weights], args.ckpt)
-    results = evaluate(model, targs, device, os.path.dirname(os.path.dirname(os.path.abspath(args.ckpt))))
+    results = evaluate(model, targs, device, run_dir_of(args.ckpt))
     print(results_table({f"{targs.decoder} @ {ckpt['step']}": results}))
     return results
 

@@ -13,7 +13,8 @@ from tqdm.auto import tqdm
 from common.diffusion import classifier_free_guidance, create_diffusion
 from common.dit import DiT, DiT_models
 from common.train_utils import (TrainingRun, cleanup_distributed, fail, infinite_loader, init_distributed,
-                                load_checkpoint, load_model_state, random_hflip, save_image_grid, seed_step)
+                                load_checkpoint, load_model_state, random_hflip, run_dir_of, save_image_grid,
+                                seed_step)
 from common.unet import UNetModel
 
 #################################################################################
@@ -242,12 +243,10 @@ def start_training(args, name):
     """DDP, per-rank batch, run folder and data set: (run, device, per-rank batch size, dataset). Records the
     input shape and class count in args, so a checkpoint can be sampled without the data."""
     rank, world_size, device = init_distributed()
-    if args.global_batch_size % world_size:
-        fail(f"--global-batch-size {args.global_batch_size} is not divisible by the {world_size} processes")
     run = TrainingRun(args, name, rank, world_size)
     dataset, channels, size, num_classes = create_dataset(args.data, args.image_size, args.num_classes, args.latent)
     args.input_shape, args.num_classes = [channels, size, size], num_classes
-    return run, device, args.global_batch_size // world_size, dataset
+    return run, device, run.batch_size, dataset
 
 
 def sampling_kwargs(args, noise_schedule, latent, device):
@@ -300,7 +299,7 @@ def sample_checkpoint(args, model, targs, ckpt_path, step, rank, world_size, dev
     if targs.latent and not args.vae:
         fail("this checkpoint was trained on VAE latents; pass --vae PATH to the SD VAE weights to decode")
     name = f"samples-{step:07d}-{args.sampler}{args.num_sampling_steps}-cfg{args.cfg_scale}{tag}"
-    out_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(ckpt_path))), name)
+    out_dir = os.path.join(run_dir_of(ckpt_path), name)
     path = sample_to_npz(model, out_dir, args.num_samples, args.sample_batch_size, tuple(targs.input_shape),
                          targs.num_classes, device, rank, world_size, args.seed, progress=False,
                          **sampling_kwargs(args, targs.noise_schedule, targs.latent, device))

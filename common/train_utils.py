@@ -218,6 +218,11 @@ def latest_checkpoint(run_dir):
     return max(paths, key=lambda p: int(os.path.basename(p)[:-3])) if paths else None
 
 
+def run_dir_of(ckpt_path):
+    """The run folder results/NNN-<name>/ of a checkpoint results/NNN-<name>/checkpoints/<step>.pt."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(ckpt_path)))
+
+
 def load_checkpoint(path):
     """Load a checkpoint dict on CPU with a one-line error if it is missing or unreadable."""
     if not os.path.isfile(path):
@@ -259,14 +264,18 @@ class TrainingRun:
     """One run's folder `results/NNN-<name>/` with log.txt, metrics.csv, checkpoints/ and samples/.
 
     Rank 0 writes; every rank can call every method. `--resume auto` reuses the newest folder of the same name.
+    `batch_size` is the per-rank share of --global-batch-size.
     """
 
     def __init__(self, args, name, rank=0, world_size=1):
         self.rank, self.world_size, self.args = rank, world_size, args
+        if args.global_batch_size % world_size:
+            fail(f"--global-batch-size {args.global_batch_size} is not divisible by the {world_size} processes")
+        self.batch_size = args.global_batch_size // world_size
         self.stop_requested = False
         self.resume_path = self._resume_path(args, name)
         if self.resume_path:
-            self.dir = os.path.dirname(os.path.dirname(os.path.abspath(self.resume_path)))
+            self.dir = run_dir_of(self.resume_path)
         else:
             self.dir = self._new_dir(args.results_dir, name)
         self.ckpt_dir = os.path.join(self.dir, "checkpoints")

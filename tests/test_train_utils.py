@@ -99,3 +99,10 @@ def test_image_grid_layout(tmp_path):
     assert g.size == (3 * 8 + 2, 2 * 6 + 2)
     px = g.load()
     assert px[2 + 2 * 8, 2] == (255, 255, 255) and px[2, 2] == (128, 128, 128)
+
+
+def test_per_rank_batch_and_indivisible_global_batch(tmp_path, capsys):
+    assert TrainingRun(_args(tmp_path), "demo", rank=0, world_size=2).batch_size == 2  # global batch 4
+    with pytest.raises(SystemExit):
+        TrainingRun(_args(tmp_path), "demo", rank=0, world_size=3)
+    assert "--global-batch-size 4 is not divisible by the 3 processes" in capsys.readouterr().err

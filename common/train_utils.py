@@ -22,6 +22,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from PIL import Image
 from tqdm.auto import tqdm
 
+from common.checkpoint_io import CheckpointError, read_checkpoint
+
 
 #################################################################################
 #                              Distributed setup                                #
@@ -224,13 +226,14 @@ def run_dir_of(ckpt_path):
 
 
 def load_checkpoint(path):
-    """Load a checkpoint dict on CPU with a one-line error if it is missing or unreadable."""
+    """Load a checkpoint dict on CPU (no pickled code runs: common/checkpoint_io) with a one-line error if it is
+    missing or unreadable."""
     if not os.path.isfile(path):
         fail(f"checkpoint '{path}' does not exist; pass --resume auto or an existing .pt file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        fail(f"checkpoint '{path}' is unreadable ({type(e).__name__}); delete it to resume from an earlier one")
+        return read_checkpoint(path)[0]
+    except CheckpointError as e:
+        fail(f"{e}; delete it to resume from an earlier one")
 
 
 def load_model_state(model, state, path="checkpoint"):

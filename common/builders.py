@@ -167,17 +167,17 @@ def write_sample_grid(model, path, input_shape, num_classes, device, n=16, seed=
 
 
 @torch.no_grad()
-def sample_to_npz(model, out_dir, num_samples, batch_size, input_shape, num_classes, device, rank=0,
-                  world_size=1, seed=0, **sample_kwargs):
-    """DiT sample_ddp.py: each rank draws its share, rank 0 writes `samples.npz` (ADM's uint8 NHWC `arr_0`)."""
+def write_samples_npz(draw, out_dir, num_samples, batch_size, device, rank=0, world_size=1, seed=0, desc="sampling"):
+    """DiT sample_ddp.py for any sampler: draw(n, generator) -> n images (N, C, H, W) in [-1, 1]; each rank draws its
+    share with its own seeded generator, rank 0 merges them into `samples.npz` (ADM's uint8 NHWC `arr_0`) and a PNG
+    preview. Returns the .npz path."""
     from eval.fid import save_adm_npz
     os.makedirs(out_dir, exist_ok=True)
     per_rank = int(math.ceil(num_samples / world_size))
     gen = torch.Generator(device=device).manual_seed(seed * world_size + rank)
     chunks = []
-    for start in tqdm(range(0, per_rank, batch_size), disable=rank != 0, desc="sampling"):
-        labels = torch.randint(0, num_classes, (min(batch_size, per_rank - start),), device=device, generator=gen)
-        x = sample_images(model, labels, input_shape, generator=gen, **sample_kwargs)
+    for start in tqdm(range(0, per_rank, batch_size), disable=rank != 0, desc=desc):
+        x = draw(min(batch_size, per_rank - start), gen)
         chunks.append(((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())
     # each rank writes its shard; rank 0 merges them (50K x 256^2 images do not fit an all_gather)
     np.save(os.path.join(out_dir, f"shard_rank{rank:03d}.npy"), torch.cat(chunks).numpy())
@@ -195,6 +195,15 @@ def sample_to_npz(model, out_dir, num_samples, batch_size, input_shape, num_clas
     if dist.is_initialized():
         dist.barrier()
     return path
+
+
+def sample_to_npz(model, out_dir, num_samples, batch_size, input_shape, num_classes, device, rank=0,
+                  world_size=1, seed=0, **sample_kwargs):
+    """Class-conditional samples of `model` (uniform random labels) into an ADM .npz: write_samples_npz."""
+    def draw(n, gen):
+        labels = torch.randint(0, num_classes, (n,), device=device, generator=gen)
+        return sample_images(model, labels, input_shape, generator=gen, **sample_kwargs)
+    return write_samples_npz(draw, out_dir, num_samples, batch_size, device, rank, world_size, seed)
 
 
 #################################################################################

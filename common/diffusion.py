@@ -53,7 +53,12 @@ def space_timesteps(num_timesteps, section_counts):
         if size < count:
             raise ValueError(f"cannot take {count} steps out of a section of {size} timesteps")
         stride = (size - 1) / (count - 1) if count > 1 else 1
-        kept += [start + round(stride * j) for j in range(count)]
+        # Accumulate the float stride as ADM's respace.py does: round(j * stride) differs from it at .5 ties
+        # (e.g. "21" keeps 499 there, not 500), and published samplers use ADM's steps.
+        position = 0.0
+        for _ in range(count):
+            kept.append(start + round(position))
+            position += stride
         start += size
     return set(kept)
 

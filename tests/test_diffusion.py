@@ -1,4 +1,7 @@
 """First-principles checks of common/diffusion.py (closed forms vs. Monte-Carlo and Gaussian conditioning)."""
+import hashlib
+import json
+import os
 import math
 
 import numpy as np
@@ -66,6 +69,23 @@ def test_space_timesteps_as_adm():
     assert sorted(space_timesteps(1000, "ddim50")) == list(range(0, 1000, 20))
     with pytest.raises(ValueError):
         space_timesteps(10, "20")
+
+
+RESPACING = json.load(open(os.path.join(os.path.dirname(__file__), "fixtures", "respacing_guided_diffusion.json")))
+
+
+def test_space_timesteps_equals_guided_diffusion_for_every_count():
+    """Fixture: openai/guided-diffusion respace.space_timesteps run on counts 1..1000, sections and ddimN."""
+    for count, digest in RESPACING["md5_of_sorted_kept"].items():
+        kept = sorted(space_timesteps(1000, count))
+        assert hashlib.md5(",".join(map(str, kept)).encode()).hexdigest() == digest, f"count {count}"
+    assert sorted(space_timesteps(1000, "21")) == RESPACING["examples"]["21"]
+    assert 499 in space_timesteps(1000, "21") and 500 not in space_timesteps(1000, "21")
+    for sections, kept in RESPACING["sections"].items():
+        assert sorted(space_timesteps(1000, sections)) == kept, sections
+    assert sorted(space_timesteps(300, "10,15,20")) == RESPACING["sections_300"]["10,15,20"]
+    for ddim, kept in RESPACING["ddim"].items():
+        assert sorted(space_timesteps(1000, ddim)) == kept, ddim
 
 
 def test_respaced_betas_reproduce_alpha_bar_at_kept_steps():

@@ -37,23 +37,26 @@ from common.unet import AttentionBlock, ResBlock
 #                      Routing masks (Sec. 4.2, Eq. 4)                          #
 #################################################################################
 
-def routing_mask(kind, num_channels, num_timesteps=1000, beta=0.8, alpha=4.0, seed=0):
+def routing_mask(kind, num_channels, num_timesteps=1000, beta=0.8, alpha=4.0, seed=0, block=None):
     """Binary routing masks, row t = mask m_t of 0-indexed timestep t: FloatTensor[num_timesteps, num_channels].
 
     kind "dtr": a window of n = int(beta * C) active channels starting at round((t / (T-1))^alpha * (C - n))
     (Eq. 4 in the consistent form of the authors' code), so adjacent tasks share channels and high t uses the
-    high-index end. "random": R-TR, n random channels per task (seeded, unlike upstream). "none": all ones.
+    high-index end. "random": R-TR, n random channels per task, drawn from (seed, block) (upstream draws unseeded,
+    one mask per block). "none": all ones.
     """
     C, T = num_channels, num_timesteps
     if kind == "none":
         return torch.ones(T, C)
     n = int(C * beta)
     if kind == "dtr":
-        t = torch.arange(T, dtype=torch.float64)
-        start = torch.round((t / (T - 1)) ** alpha * (C - n)).long()  # Eq. (4): task-weighted window position
+        # Eq. (4): the task-weighted window position. np.linspace and np.round (half to even), as the authors'
+        # create_mask_tasks, so the masks equal the ones their checkpoints store bit for bit.
+        start = torch.from_numpy((np.linspace(0, 1, T) ** alpha * (C - n)).round().astype(np.int64))
         active = start[:, None] + torch.arange(n)[None, :]
     elif kind == "random":
-        active = torch.rand(T, C, generator=torch.Generator().manual_seed(seed)).argsort(dim=1)[:, :n]
+        block_seed = int(np.random.SeedSequence([seed] + ([] if block is None else [block])).generate_state(1)[0])
+        active = torch.rand(T, C, generator=torch.Generator().manual_seed(block_seed)).argsort(dim=1)[:, :n]
     else:
         raise ValueError(f"unknown routing '{kind}'; choose dtr, random or none")
     return torch.zeros(T, C).scatter_(1, active, 1.0)
@@ -66,17 +69,24 @@ def save_mask_png(mask, path):
 
 
 class DiTRouter(nn.Module):
-    """DTR for a DiT block (App. A, Eq. 8): out = Block(m_t * x, c) + (1 - m_t) * x.
+    """DTR for the DiT blocks (App. A, Eq. 8): out = Block_i(m_t * x, c) + (1 - m_t) * x.
 
     Since Block(x) = x + Attn(x) + MLP(...), this equals x + F(m_t * x) (Eq. 7): the residual branch reads only
-    the channels of task t, while its output may write to all channels (it is not re-masked, as upstream)."""
+    the channels of task t, while its output may write to all channels (it is not re-masked, as upstream).
+    masks: (T, C), one mask shared by every block (DTR), or (depth, T, C), one per block (R-TR, as upstream)."""
 
-    def __init__(self, mask):
+    def __init__(self, masks):
         super().__init__()
-        self.register_buffer("mask", mask, persistent=False)  # rebuilt from (beta, alpha, seed): not in checkpoints
+        # bool: a DiT-L R-TR set is 24 x 1000 x 1024; rebuilt from (beta, alpha, seed), so not in checkpoints
+        self.register_buffer("masks", masks.bool(), persistent=False)
 
-    def forward(self, block, x, c, t):
-        m = self.mask[t.long()].unsqueeze(1).to(x.dtype)  # (B, 1, C), indexed by the original training timestep
+    def mask_of_block(self, index):
+        """(T, C) float mask of block `index`."""
+        return (self.masks if self.masks.ndim == 2 else self.masks[index]).float()
+
+    def forward(self, block, x, c, t, index):
+        masks = self.masks if self.masks.ndim == 2 else self.masks[index]
+        m = masks[t.long()].unsqueeze(1).to(x.dtype)  # (B, 1, C), indexed by the original training timestep
         return block(m * x, c) + (1 - m) * x  # Eq. (8)
 
 
@@ -87,28 +97,36 @@ class ChannelRouter(nn.Module):
 
     def __init__(self, mask):
         super().__init__()
-        self.register_buffer("mask", mask, persistent=False)
+        self.register_buffer("mask", mask.bool(), persistent=False)
 
     def forward(self, h, t):
         m = self.mask[t.long()].to(h.dtype)
         return h * m.view(*m.shape, *([1] * (h.ndim - 2)))
 
 
-def add_task_routing(model, kind="dtr", beta=0.8, alpha=4.0, seed=0, num_timesteps=1000):
-    """Attach routers to a common/ DiT or U-Net through its hook points; 'none' leaves the model vanilla."""
+def add_task_routing(model, kind="dtr", beta=0.8, alpha=4.0, seed=0, num_timesteps=1000, masks=None):
+    """Attach routers to a common/ DiT or U-Net through its hook points; 'none' leaves the model vanilla. DTR masks
+    are shared (one per channel width); R-TR draws one per block from (seed, block index). `masks` (DiT only):
+    adopt given (T, C) or (depth, T, C) masks instead, e.g. the R-TR masks stored in an authors' checkpoint."""
     if kind == "none":
         return model
     if isinstance(model, DiT):
-        width = model.x_embedder.proj.out_channels
-        model.router = DiTRouter(routing_mask(kind, width, num_timesteps, beta, alpha, seed))
+        width, depth = model.x_embedder.proj.out_channels, len(model.blocks)
+        if masks is None:
+            masks = (routing_mask(kind, width, num_timesteps, beta, alpha, seed) if kind == "dtr" else
+                     torch.stack([routing_mask(kind, width, num_timesteps, beta, alpha, seed, i) for i in range(depth)]))
+        model.router = DiTRouter(masks)
         return model
-    routers = {}  # one mask per channel width, shared by every block of that width
-    for module in model.modules():
-        if isinstance(module, (ResBlock, AttentionBlock)):
-            width = (module.in_layers[0] if isinstance(module, ResBlock) else module.norm).num_channels
-            if width not in routers:
-                routers[width] = ChannelRouter(routing_mask(kind, width, num_timesteps, beta, alpha, seed))
-            module.router = routers[width]
+    shared = {}  # DTR: one mask per channel width, shared by every block of that width
+    blocks = [m for m in model.modules() if isinstance(m, (ResBlock, AttentionBlock))]
+    for i, module in enumerate(blocks):
+        width = (module.in_layers[0] if isinstance(module, ResBlock) else module.norm).num_channels
+        if kind == "random":
+            module.router = ChannelRouter(routing_mask(kind, width, num_timesteps, beta, alpha, seed, i))
+            continue
+        if width not in shared:
+            shared[width] = ChannelRouter(routing_mask(kind, width, num_timesteps, beta, alpha, seed))
+        module.router = shared[width]
     return model
 
 
@@ -193,7 +211,8 @@ def train(args):
     loader = infinite_loader(dataset, batch_size, run.rank, run.world_size, args.seed, step, args.num_workers, device)
     routers = [m for m in model.modules() if isinstance(m, (DiTRouter, ChannelRouter))]
     if run.rank == 0 and routers:
-        save_mask_png(routers[0].mask.cpu(), os.path.join(run.dir, "routing_mask.png"))
+        first = routers[0].mask_of_block(0) if isinstance(routers[0], DiTRouter) else routers[0].mask.float()
+        save_mask_png(first.cpu(), os.path.join(run.dir, "routing_mask.png"))
     run.log(f"{args.model} + routing={args.routing} (beta={args.beta}, alpha={args.alpha}): "
             f"{sum(p.numel() for p in model.parameters()):,} parameters; {len(dataset):,} training items; "
             f"world size {run.world_size}, batch {batch_size}/rank; results in {run.dir}")

@@ -159,8 +159,8 @@ class DiT(nn.Module):
 
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
-        # Task-routing hook (set by dtr.py): if not None, forward runs each block as router(block, x, c, t)
-        # with t the raw (B,) timesteps given to forward, so the router can pick a per-timestep channel mask.
+        # Task-routing hook (set by dtr.py): if not None, forward runs block i as router(block, x, c, t, i) with
+        # t the raw (B,) timesteps given to forward, so the router can pick block i's per-timestep channel mask.
         self.router = None
         self.grad_checkpointing = False  # recompute block activations in backward to save memory
         self.initialize_weights()
@@ -208,10 +208,10 @@ class DiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
-    def _run_block(self, block, x, c, t):
+    def _run_block(self, block, x, c, t, index):
         if self.router is None:
             return block(x, c)
-        return self.router(block, x, c, t)
+        return self.router(block, x, c, t, index)
 
     def forward(self, x, t, y):
         """x: (N, C, H, W) images or latents, t: (N,) timesteps, y: (N,) class labels -> (N, out_channels, H, W)."""
@@ -220,11 +220,11 @@ class DiT(nn.Module):
                              f"got {tuple(x.shape)}; build the model with matching input_size/in_channels")
         h = self.x_embedder(x) + self.pos_embed  # (N, T, D), T = H * W / patch_size ** 2
         c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             if self.grad_checkpointing and torch.is_grad_enabled():
-                h = checkpoint(self._run_block, block, h, c, t, use_reentrant=False)
+                h = checkpoint(self._run_block, block, h, c, t, i, use_reentrant=False)
             else:
-                h = self._run_block(block, h, c, t)
+                h = self._run_block(block, h, c, t, i)
         h = self.final_layer(h, c)  # (N, T, patch_size ** 2 * out_channels)
         return self.unpatchify(h)
 

@@ -231,8 +231,8 @@ class RecordingRouter:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, block, x, c, t):
-        self.calls.append((block, x.shape, c.shape, t.clone()))
+    def __call__(self, block, x, c, t, index):
+        self.calls.append((block, x.shape, c.shape, t.clone(), index))
         return block(x, c)
 
 
@@ -245,13 +245,14 @@ def test_router_called_once_per_block_with_raw_timesteps():
         model.router = router
         out = model(x, t, y)
     assert [call[0] for call in router.calls] == list(model.blocks)
-    for _, x_shape, c_shape, t_seen in router.calls:
+    assert [call[4] for call in router.calls] == [0, 1, 2]  # the block's index, for per-block masks (R-TR)
+    for _, x_shape, c_shape, t_seen, _ in router.calls:
         assert x_shape == (2, 16, 32) and c_shape == (2, 32)
         assert torch.equal(t_seen, t)  # the (B,) timesteps, not their embedding
     torch.testing.assert_close(out, ref)
 
     # the router's output is what flows on: a router that zeroes the tokens changes the result
-    model.router = lambda block, x, c, t: torch.zeros_like(block(x, c))
+    model.router = lambda block, x, c, t, index: torch.zeros_like(block(x, c))
     with torch.no_grad():
         assert not torch.allclose(model(x, t, y), ref)
 

@@ -60,11 +60,37 @@ def test_dit_router_is_eq8_block_by_block():
     block, x, c, t = model.blocks[0], torch.randn(2, 16, 32), torch.randn(2, 32), torch.tensor([3, 900])
     m = dtr.routing_mask("dtr", 32, beta=0.5)[t].unsqueeze(1)
     expected = block(m * x, c) + (1 - m) * x
-    out = model.router(block, x, c, t)
+    out = model.router(block, x, c, t, 0)
     torch.testing.assert_close(out, expected)
     # the residual branch reads only the active channels: a change on inactive channels passes straight through
     delta = torch.randn_like(x) * (1 - m)
-    torch.testing.assert_close(model.router(block, x + delta, c, t), out + delta)
+    torch.testing.assert_close(model.router(block, x + delta, c, t, 0), out + delta)
+
+
+def test_random_routing_draws_one_mask_per_block_rebuilt_from_seed_and_block():
+    """R-TR as upstream: an independent mask per block; ours is a function of (mask seed, block index)."""
+    def masks(seed):
+        model = dtr.add_task_routing(_tiny_dit(), "random", beta=0.5, seed=seed)
+        return [model.router.mask_of_block(i) for i in range(len(model.blocks))]
+    first, again, other = masks(3), masks(3), masks(4)
+    assert not torch.equal(first[0], first[1])  # blocks differ
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)  # rebuilt, not stored
+    assert not torch.equal(first[0], other[0])
+    for i, m in enumerate(first):
+        assert torch.equal(m, dtr.routing_mask("random", 32, beta=0.5, seed=3, block=i))
+        assert (m.sum(1) == 16).all()
+    # each block really uses its own mask: block 1 under block 0's mask gives a different output
+    model = dtr.add_task_routing(_tiny_dit(), "random", beta=0.5, seed=3)
+    block, x, c, t = model.blocks[1], torch.randn(2, 16, 32), torch.randn(2, 32), torch.tensor([3, 900])
+    m1 = first[1][t].unsqueeze(1)
+    torch.testing.assert_close(model.router(block, x, c, t, 1), block(m1 * x, c) + (1 - m1) * x)
+    # ADM: one mask per routed block as well
+    adm = dtr.add_task_routing(create_model("ADM-S", 16, 3, 4), "random", beta=0.5, seed=3)
+    routers = [m.router for m in adm.modules() if getattr(m, "router", None) is not None]
+    assert len({id(r) for r in routers}) == len(routers)
+    same_width = [r.mask for r in routers if r.mask.shape[1] == routers[0].mask.shape[1]]
+    assert len(same_width) > 1 and not torch.equal(same_width[0], same_width[1])
 
 
 def test_adm_routing_beta_one_exact_and_masks_shared_per_width():
@@ -94,7 +120,7 @@ def test_respaced_sampling_routes_with_the_training_timestep():
     seen = []
     model = dtr.add_task_routing(_tiny_dit(), "dtr")
     original = model.router.forward
-    model.router.forward = lambda block, x, c, t: (seen.append(t.clone()), original(block, x, c, t))[1]
+    model.router.forward = lambda block, x, c, t, i: (seen.append(t.clone()), original(block, x, c, t, i))[1]
     d = create_diffusion("10", "linear", learn_sigma=True)
     d.p_sample_loop(model, (1, 3, 8, 8), model_kwargs=dict(y=torch.tensor([1])))
     used = sorted({int(t) for t in torch.cat(seen)})

@@ -401,12 +401,21 @@ def pcgrad(grads, generator=None):
 
 
 class NashMTL:
-    """Nash-MTL (Navon et al. 2022) loss weights alpha with alpha_i (G G^T alpha)_i = 1, refreshed every 25 steps.
+    """Nash-MTL (Navon et al. 2022) loss weights alpha, refreshed every 25 steps, at ANT's scale.
 
-    Training loss: sum_i alpha_i L_i, gradient norm clipped to max_grad_norm (the training loop clips).
+    alpha solves the bargaining condition alpha_i (Ghat alpha)_i = 1 on the Gram matrix normalised by its Frobenius
+    norm, Ghat = G G^T / ||G G^T||_F, and is used as it is: ANT (`mtl_library/nash.py`, as the nash-mtl code) weights
+    its raw cluster means by that alpha and divides by k, i.e. exactly sum_i alpha_i L_i with our L_i = mean_i / k.
+    The update then scales with the gradients like plain training (its norm is sqrt(k ||G G^T||_F)); the scale-free
+    alpha / sqrt(||G G^T||_F), the condition on G G^T itself, would give every update norm sqrt(k) and, with the
+    gradient clipping at 1, clip all of them. Training loss: sum_i alpha_i L_i, grad norm clipped to max_grad_norm.
     """
 
     max_grad_norm = 1.0
+    # Ridge on Ghat (||Ghat||_F = 1): exactly opposite cluster gradients make Ghat singular, and the bargaining
+    # objective then has no minimiser (alpha -> 1e9+). With the ridge alpha <= sqrt(k / ridge), and the update
+    # stays within sqrt(k ||G G^T||_F) whatever alpha is; a well-conditioned alpha moves by ~1e-6 relative.
+    ridge = 1e-6
 
     def __init__(self, k, update_every=25):
         self.k = k
@@ -415,7 +424,8 @@ class NashMTL:
         self._normalised_alpha = np.ones(k)  # warm start of the solver
 
     def solve_weights(self, gtg):
-        """alpha = argmin_{a >= 1e-8} 0.5 a^T (G G^T) a - sum_i log a_i, whose stationarity is a_i (G G^T a)_i = 1."""
+        """alpha = argmin_{a >= 1e-8} 0.5 a^T (Ghat + ridge I) a - sum_i log a_i, Ghat = gtg / ||gtg||_F, whose
+        stationarity is the Nash condition a_i ((Ghat + ridge I) a)_i = 1 (Navon et al. Eq. 3)."""
         gtg = np.asarray(gtg, dtype=np.float64)
         if gtg.shape != (self.k, self.k):
             raise ValueError(f"gtg must be the ({self.k}, {self.k}) Gram matrix G G^T, got {gtg.shape}")
@@ -424,16 +434,14 @@ class NashMTL:
         norm = np.linalg.norm(gtg[np.ix_(active, active)])
         if not active.any() or not np.isfinite(norm):
             return alpha
-        # Normalise by the Frobenius norm for numerics (upstream / LibMTL); a solves the normalised problem, so
-        # alpha = a / sqrt(norm) solves the original one: alpha_i (G G^T alpha)_i = a_i (gtg/norm a)_i = 1.
-        gram = gtg[np.ix_(active, active)] / norm
+        gram = gtg[np.ix_(active, active)] / norm + self.ridge * np.eye(int(active.sum()))
         objective = lambda a: (0.5 * a @ gram @ a - np.log(a).sum(), gram @ a - 1.0 / a)
         result = minimize(objective, self._normalised_alpha[active], jac=True, method="L-BFGS-B",
                           bounds=[(1e-8, None)] * int(active.sum()),
                           options={"maxiter": 1000, "ftol": 1e-15, "gtol": 1e-10})
         if np.all(np.isfinite(result.x)):
             self._normalised_alpha[active] = result.x
-        alpha[active] = self._normalised_alpha[active] / math.sqrt(norm)
+        alpha[active] = self._normalised_alpha[active]
         return alpha
 
     def updates_at(self, step):
@@ -672,8 +680,21 @@ def choose_intervals(args, diffusion, model, dataset, run, device):
     return chosen[0]
 
 
+# The settings that define a run: `--resume` refuses a checkpoint trained with other values of any of them.
+DEFINING = ("model", "clustering", "k", "size_bounds", "log_snr", "affinity", "mtl", "loss_weight", "min_snr_gamma",
+            "p2_gamma", "t_range", "noise_schedule", "data", "latent", "vae_scale", "image_size", "num_classes",
+            "unconditional", "global_batch_size")
+
+
+def run_name(args):
+    """Folder name with what tells runs apart (clustering, k, method, loss weight, schedule, specialist range)."""
+    span = f"-t{args.t_range[0]}-{args.t_range[1]}" if args.t_range else ""
+    return (f"ant-{args.model}-{args.clustering}-k{args.k}-{args.mtl}-{args.loss_weight}-"
+            f"{args.noise_schedule or 'cosine'}{span}")
+
+
 def train(args):
-    run, device, batch_size, dataset = start_training(args, f"ant-{args.model}-{args.clustering}-{args.mtl}")
+    run, device, batch_size, dataset = start_training(args, run_name(args), "ant_clustering", DEFINING)
     (channels, size, _), num_classes, k = args.input_shape, args.num_classes, args.k
     if args.mtl != "none" and batch_size % k:
         fail(f"the per-rank batch {batch_size} is not divisible by --k {k} (stratified batches draw B/k timesteps "
@@ -754,6 +775,13 @@ def train(args):
 #             Sampler: negative transfer gap (Sec. 3.2, Eq. 3), .npz            #
 #################################################################################
 
+def refuse_routing(model, targs, masks):
+    """model_from_checkpoint's `prepare`: ANT trains plain DiTs, so weights with DTR routing masks (other than
+    all-ones, i.e. vanilla) belong to dtr.py."""
+    if masks is not None and not bool((masks == 1).all()):
+        fail("this DTR checkpoint routes channels per timestep: sample it with dtr.py --sample-only --ckpt ...")
+
+
 class IntervalSwitch(nn.Module):
     """eps-model of the negative-transfer-gap experiment: the interval specialist denoises x_t for t in [t1, t2]
     (training timesteps, 0-indexed, inclusive: the paper's D[1, 200] is [0, 199]), the generalist elsewhere."""
@@ -776,15 +804,15 @@ def negative_transfer_gap(args):
     """Eq. (3): sample the generalist and the generalist with the specialist inside [t1, t2] from the same noise
     and labels (.npz each); with --ref and --inception-weights also print NTG = FID(switched) - FID(generalist)."""
     rank, world_size, device = init_distributed()
-    generalist, targs, ckpt = model_from_checkpoint(args.ckpt, device)
-    specialist, sargs, _ = model_from_checkpoint(args.specialist, device)
+    generalist, targs, step = model_from_checkpoint(args.ckpt, device, args, "ant_clustering", refuse_routing)
+    specialist, sargs, _ = model_from_checkpoint(args.specialist, device, args, "ant_clustering", refuse_routing)
     for key in ("input_shape", "num_classes", "noise_schedule", "latent"):
         if getattr(targs, key) != getattr(sargs, key):
             fail(f"--specialist was trained with {key}={getattr(sargs, key)}, the generalist with "
                  f"{getattr(targs, key)}; both must share data and noise schedule")
     t1, t2 = args.t_range
     switched = IntervalSwitch(generalist, specialist, t1, t2)
-    paths = [sample_checkpoint(args, model, targs, args.ckpt, ckpt["step"], rank, world_size, device, tag)
+    paths = [sample_checkpoint(args, model, targs, args.ckpt, step, rank, world_size, device, tag)
              for model, tag in ((generalist, ""), (switched, f"-ntg{t1}-{t2}"))]
     if rank == 0 and args.ref:
         from eval.fid import compute_statistics, frechet_distance
@@ -839,7 +867,7 @@ def parse_args(argv=None):
     p.add_argument("--t-range", type=int, nargs=2, metavar=("T1", "T2"), default=None,
                    help="train an interval specialist on D[T1, T2] (0-indexed, inclusive; needs --mtl none); "
                         "with --ntg, the interval where the specialist samples")
-    add_sampling_args(p)
+    add_sampling_args(p, cfg_channels="3")
     p.add_argument("--ntg", action="store_true", help="negative transfer gap: sample --ckpt with --specialist")
     p.add_argument("--specialist", default=None, help="interval-specialist checkpoint for --ntg")
     p.add_argument("--ref", default=None, help="reference images/statistics .npz: --ntg then prints FIDs and NTG")
@@ -893,7 +921,7 @@ def main(argv=None):
         return affinity_analysis(args)
     if args.ntg:
         return negative_transfer_gap(args)
-    return sample_main(args) if args.sample_only else train(args)
+    return sample_main(args, "ant_clustering", refuse_routing) if args.sample_only else train(args)
 
 
 if __name__ == "__main__":

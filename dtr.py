@@ -191,8 +191,26 @@ def training_loss(diffusion, model, x, y, t, args, uw=None, clusters=None):
 #                      Training loop (DiT train.py conventions)                 #
 #################################################################################
 
+# The settings that define a run: `--resume` refuses a checkpoint trained with other values of any of them.
+DEFINING = ("model", "routing", "beta", "alpha", "mask_seed", "loss_weight", "min_snr_gamma", "p2_gamma", "ant_k",
+            "noise_schedule", "data", "latent", "vae_scale", "image_size", "num_classes", "unconditional",
+            "global_batch_size")
+
+
+def run_name(args):
+    """Folder name with what tells runs apart, as the authors' results_dir (routing, beta, loss weight, schedule):
+    a sweep of Fig. 4's beta / alpha grid gets one folder per point."""
+    routing = {"dtr": f"dtr-beta{args.beta:g}-alpha{args.alpha:g}", "random": f"random-beta{args.beta:g}-seed"
+               f"{args.mask_seed}", "none": "vanilla"}[args.routing]
+    return f"dtr-{args.model}-{routing}-{args.loss_weight}-{args.noise_schedule or 'cosine'}"
+
+
 def train(args):
-    run, device, batch_size, dataset = start_training(args, f"dtr-{args.model}-{args.routing}")
+    run, device, batch_size, dataset = start_training(args, run_name(args), "dtr", DEFINING)
+    if args.loss_weight == "ant-uw" and batch_size % args.ant_k:
+        fail(f"--loss-weight ant-uw draws B/k timesteps per cluster: the per-rank batch {batch_size} is not "
+             f"divisible by --ant-k {args.ant_k}; use a --global-batch-size that is a multiple of "
+             f"{args.ant_k * run.world_size}")
     (channels, size, _), num_classes = args.input_shape, args.num_classes
     torch.manual_seed(args.seed)  # same initial weights on every rank and in every (re)run
     model = create_model(args.model, size, channels, num_classes, learn_sigma=True)
@@ -233,7 +251,7 @@ def train(args):
     bar = tqdm(total=args.steps, initial=step, disable=run.rank != 0, desc="train", dynamic_ncols=True)
     while step < args.steps:
         x, y = training_batch(loader, model, args, run.rank, step, device)
-        if clusters is not None and batch_size % args.ant_k == 0:
+        if clusters is not None:
             t = clusters.sample_timesteps(batch_size)  # every cluster in every batch (ANT)
         else:
             t = torch.randint(0, diffusion.num_timesteps, (batch_size,), device=device)
@@ -259,10 +277,47 @@ def train(args):
 #                 Sampler: DDPM-250 / DDIM with cfg, ADM .npz export            #
 #################################################################################
 
-def load_trained(ckpt_path, device):
-    """(EMA model with its routing rebuilt, training args, checkpoint) from a dtr.py checkpoint."""
-    return model_from_checkpoint(ckpt_path, device, lambda model, targs: add_task_routing(
-        model, targs.routing, targs.beta, targs.alpha, targs.mask_seed))
+def routing_of_stored_masks(masks, beta, alpha, path):
+    """The routing an authors' DTR checkpoint was trained with, from the (depth, T, C) masks it stores: "none"
+    (all ones), "dtr" (one window mask shared by all blocks; checked against the masks rebuilt from beta, alpha)
+    or "random" (R-TR: a mask per block, adopted as stored: unseeded upstream, they cannot be rebuilt)."""
+    depth, T, C = masks.shape
+    if bool((masks == 1).all()):
+        return "none"
+    active = masks.sum(-1)
+    n = int(active[0, 0])
+    if not bool(((masks == 0) | (masks == 1)).all()) or not bool((active == n).all()):
+        fail(f"{path}: its routing buffers are not binary masks with the same number of active channels per task")
+    if not bool((masks == masks[:1]).all()):
+        return "random"
+    rebuilt = routing_mask("dtr", C, T, beta, alpha)
+    if not torch.equal(masks[0], rebuilt):
+        fail(f"{path}: its stored DTR masks ({n} of {C} channels active, beta ~ {n / C:.3f}) differ from the masks "
+             f"rebuilt with --beta {beta} --alpha {alpha}; pass the --beta / --alpha it was trained with")
+    return "dtr"
+
+
+def checkpoint_routing(args):
+    """model_from_checkpoint's `prepare` for dtr.py: the routing of a checkpoint in any layout (ours: rebuilt from
+    its args; the DTR authors': read off the stored masks; official DiT / ANT weights: vanilla unless --routing)."""
+    def prepare(model, targs, masks):
+        if targs.format == "ours":
+            return add_task_routing(model, targs.routing, targs.beta, targs.alpha, targs.mask_seed)
+        settings = targs.settings
+        targs.beta = args.beta or settings.get("config.models.routing.sharing_ratio", 0.8)
+        targs.alpha = args.alpha or 4.0  # the authors' create_mask_tasks default; their config does not set it
+        targs.mask_seed = None
+        if masks is None:  # weights without masks: a vanilla DiT unless --routing says how it was trained
+            targs.routing = args.routing or "none"
+            return add_task_routing(model, targs.routing, targs.beta, targs.alpha, args.mask_seed or 0)
+        targs.routing = routing_of_stored_masks(masks, targs.beta, targs.alpha, args.ckpt)
+        if args.routing not in (None, targs.routing):
+            fail(f"{args.ckpt} stores {targs.routing} routing masks, not --routing {args.routing}")
+        print(f"routing: {targs.routing} (read off the stored masks"
+              + (", adopted as stored)" if targs.routing == "random" else f", beta {targs.beta}, alpha {targs.alpha})"))
+        return add_task_routing(model, targs.routing, targs.beta, targs.alpha,
+                                masks=masks if targs.routing == "random" else None)
+    return prepare
 
 
 #################################################################################
@@ -279,35 +334,44 @@ DEMO = dict(steps=800, global_batch_size=32, lr=1e-3, ema_decay=0.995, num_worke
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     add_model_data_args(p)
-    p.add_argument("--routing", choices=["dtr", "random", "none"], default="dtr")
-    p.add_argument("--beta", type=float, default=0.8, help="fraction of active channels per task")
-    p.add_argument("--alpha", type=float, default=4.0, help="window drift exponent (task weights)")
+    p.add_argument("--routing", choices=["dtr", "random", "none"], default=None,
+                   help="default dtr for training; an authors' checkpoint's routing is read off its masks")
+    p.add_argument("--beta", type=float, default=None, help="fraction of active channels per task (default 0.8)")
+    p.add_argument("--alpha", type=float, default=None, help="window drift exponent, task weights (default 4)")
     p.add_argument("--mask-seed", type=int, default=0, help="seed of the random (R-TR) masks")
     p.add_argument("--loss-weight", choices=["none", "min-snr", "p2", "ant-uw"], default="none")
     p.add_argument("--min-snr-gamma", type=float, default=5.0)
     p.add_argument("--p2-gamma", type=float, default=1.0)
     p.add_argument("--ant-k", type=int, default=8, help="timestep clusters for ANT-UW")
     p.add_argument("--uw-lr", type=float, default=0.025, help="lr of the ANT-UW log-variances")
-    add_sampling_args(p)
+    add_sampling_args(p, cfg_channels="all")
     p.add_argument("--cka", action="store_true", help="write the Fig. 6 CKA heat-maps of --ckpt and exit")
     add_run_args(p)
     args = finish_args(p, p.parse_args(argv), DEMO, PAPER)
     if (args.sample_only or args.cka) and not args.ckpt:
         p.error("--sample-only and --cka need --ckpt PATH")
+    if not (args.sample_only or args.cka):  # training: the paper's routing unless told otherwise
+        args.routing, args.beta, args.alpha = args.routing or "dtr", args.beta or 0.8, args.alpha or 4.0
     return args
 
 
 def cka_analysis(args, num_images=64, num_timesteps=20):
     """Fig. 6 for a checkpoint: per-block CKA across timesteps on one batch of training data, as a PNG."""
     _, _, device = init_distributed()
-    model, targs, ckpt = load_trained(args.ckpt, device)
+    model, targs, step = model_from_checkpoint(args.ckpt, device, args, "dtr", checkpoint_routing(args))
     if not isinstance(model, DiT):
         fail("--cka analyses DiT blocks (as the paper's Fig. 6); this checkpoint is an ADM U-Net")
-    dataset, *_ = create_dataset(targs.data, targs.image_size, targs.num_classes, targs.latent)
-    x, y = fixed_batch(dataset, num_images, device, targs.latent)
+    data = targs.data if targs.format == "ours" and args.data == "synthetic" else args.data
+    if data == "synthetic" and targs.format != "ours":
+        fail("--cka of an authors' checkpoint needs the training data: pass --data <latent dir> --latent")
+    dataset, *_ = create_dataset(data, targs.image_size if targs.format == "ours" else args.image_size,
+                                 targs.num_classes, targs.latent)
+    x, y = fixed_batch(dataset, num_images, device, targs.latent, getattr(targs, "vae_scale", None))
     timesteps = np.linspace(0, 999, num_timesteps).round().astype(int)
     cka = timestep_cka(model, create_diffusion("", targs.noise_schedule), x, y, timesteps)
-    path = os.path.join(run_dir_of(args.ckpt), f"cka-{ckpt['step']:07d}.png")
+    out = run_dir_of(args.ckpt) if targs.format == "ours" else args.results_dir
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, f"cka-{step:07d}.png")
     save_cka_png(cka, path)
     print(f"wrote {path} ({cka.shape[0]} blocks x {num_timesteps} timesteps)")
     return path
@@ -317,7 +381,9 @@ def main(argv=None):
     args = parse_args(argv)
     if args.cka:
         return cka_analysis(args)
-    return sample_main(args, load_trained) if args.sample_only else train(args)  # routing rebuilt, EMA weights
+    if args.sample_only:  # EMA weights, routing rebuilt or read off the file
+        return sample_main(args, "dtr", checkpoint_routing(args))
+    return train(args)
 
 
 if __name__ == "__main__":

@@ -231,9 +231,12 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         fail(f"checkpoint '{path}' does not exist; pass --resume auto or an existing .pt file")
     try:
-        return read_checkpoint(path)[0]
+        ckpt, skipped = read_checkpoint(path)
     except CheckpointError as e:
         fail(f"{e}; delete it to resume from an earlier one")
+    if skipped:  # e.g. an authors' omegaconf config: its values stay readable, its code is never run
+        print(f"read {path}: kept as inert data the pickled objects of {', '.join(skipped)}")
+    return ckpt
 
 
 def load_model_state(model, state, path="checkpoint"):
@@ -270,8 +273,10 @@ class TrainingRun:
     `batch_size` is the per-rank share of --global-batch-size.
     """
 
-    def __init__(self, args, name, rank=0, world_size=1):
+    def __init__(self, args, name, rank=0, world_size=1, script=None, defining=()):
         self.rank, self.world_size, self.args = rank, world_size, args
+        self.script = script  # the producing script, stored in every checkpoint
+        self.defining = tuple(defining)  # args that define the run: a resume must not change them
         if args.global_batch_size % world_size:
             fail(f"--global-batch-size {args.global_batch_size} is not divisible by the {world_size} processes")
         self.batch_size = args.global_batch_size // world_size
@@ -370,7 +375,7 @@ class TrainingRun:
             self._diverged(step, "model weights (not checkpointed)")
         if self.rank == 0:
             path = os.path.join(self.ckpt_dir, f"{step:07d}.pt")
-            save_atomic({**state, "args": vars(self.args), "step": step}, path)
+            save_atomic({**state, "args": vars(self.args), "step": step, "script": self.script}, path)
             self.log(f"saved checkpoint {path}")
         if dist.is_initialized():
             dist.barrier()
@@ -380,7 +385,22 @@ class TrainingRun:
         if not self.resume_path:
             return None
         self.log(f"resuming from {self.resume_path}")
-        return load_checkpoint(self.resume_path)
+        ckpt = load_checkpoint(self.resume_path)
+        self.check_resume(ckpt)
+        return ckpt
+
+    def check_resume(self, ckpt):
+        """Refuse (one line listing the flags) to resume a checkpoint of another script or with other settings."""
+        producer = ckpt.get("script")
+        if self.script is not None and producer not in (None, self.script):
+            fail(f"--resume {self.resume_path} was written by {producer}.py, not {self.script}.py")
+        stored = ckpt.get("args", {})
+        differ = [key for key in self.defining if key in stored and stored[key] != getattr(self.args, key, None)]
+        if differ:
+            flags = ", ".join(f"--{k.replace('_', '-')} {stored[k]} (now {getattr(self.args, k, None)})"
+                              for k in differ)
+            fail(f"--resume {self.resume_path} was trained with other settings: {flags}; resume with its settings, "
+                 f"or start a new run without --resume")
 
     # ----- signals -----------------------------------------------------------
     def _on_signal(self, signum, frame):
@@ -411,7 +431,15 @@ def resume_training(run, model, ema, opt, **extras):
         return 0
     load_model_state(model, ckpt["model"], run.resume_path)
     ema.load_state_dict(ckpt["ema"])
+    # The optimiser state (moments) resumes; its hyperparameters are the ones of this command line (--lr, ...).
+    current = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
     opt.load_state_dict(ckpt["opt"])
+    for i, (group, wanted) in enumerate(zip(opt.param_groups, current)):
+        changed = {k: (group.get(k), v) for k, v in wanted.items() if group.get(k) != v}
+        group.update(wanted)
+        if changed:
+            run.log(f"optimiser group {i}: " + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+                    + " (from this command line)")
     for key, obj in extras.items():
         if obj is not None:
             if key not in ckpt:

@@ -90,14 +90,14 @@ def check_settings(out, settings):
 def extract(args):
     rank, world_size, device = init_distributed()
     dataset, class_names = build_dataset(args.data, args.image_size, args.num_samples, args.num_classes)
-    vae = load_vae(args.vae, device)  # one-line error for a missing / mismatched weight file
+    vae = load_vae(args.vae, device, args.vae_scale)  # one-line error for a missing / mismatched weight file
     factor = 2 ** (len(vae.block_out_channels) - 1)
     if args.image_size % factor:
         fail(f"--image-size {args.image_size} is not divisible by the VAE's downsampling factor {factor}")
     latent_shape = [vae.post_quant_conv.in_channels, args.image_size // factor, args.image_size // factor]
     settings = dict(data="synthetic" if args.data == "synthetic" else os.path.abspath(args.data),
                     num_items=len(dataset), image_size=args.image_size, shard_size=args.shard_size,
-                    latent_shape=latent_shape, vae=os.path.abspath(args.vae))
+                    latent_shape=latent_shape, vae=os.path.abspath(args.vae), scale_factor=vae.scaling_factor)
     check_settings(args.out, settings)  # every rank checks, so every rank stops on a mismatch
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
@@ -164,6 +164,9 @@ def parse_args(argv=None):
     p.add_argument("--num-samples", type=int, default=10_000, help="--data synthetic only")
     p.add_argument("--num-classes", type=int, default=4, help="--data synthetic only")
     p.add_argument("--bf16", action="store_true", help="encode under bf16 autocast (CUDA only; default fp32)")
+    p.add_argument("--vae-scale", type=float, default=None,
+                   help="latent scale recorded in the manifest (default: the VAE's config.json, else SD's 0.18215; "
+                        "SDXL VAE: 0.13025)")
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.shard_size < 1:
         p.error("--batch-size and --shard-size must be positive")

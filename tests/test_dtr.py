@@ -166,7 +166,7 @@ def test_training_run_writes_outputs_and_resume_is_exact(tmp_path):
 def test_sigterm_checkpoints_and_resume_matches_uninterrupted(tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "dtr.py"), *_run_args(tmp_path / "k", 100_000)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    log = tmp_path / "k" / "000-dtr-DiT-Ti-4-dtr" / "log.txt"
+    log = tmp_path / "k" / "000-dtr-DiT-Ti-4-dtr-beta0.8-alpha4-none-cosine" / "log.txt"
     deadline = time.time() + 120
     while time.time() < deadline and not (log.exists() and "step 0000002" in log.read_text()):
         time.sleep(0.2)
@@ -184,9 +184,10 @@ def test_sigterm_checkpoints_and_resume_matches_uninterrupted(tmp_path):
 @pytest.mark.slow
 def test_torchrun_two_processes_gloo(tmp_path, run_script):
     run_script(["dtr.py", *_run_args(tmp_path, 4, ["--loss-weight", "ant-uw", "--ant-k", "2"])], nproc=2)
-    log = open(os.path.join(tmp_path, "000-dtr-DiT-Ti-4-dtr", "log.txt")).read()
+    run_dir = os.path.join(tmp_path, "000-dtr-DiT-Ti-4-dtr-beta0.8-alpha4-ant-uw-cosine")
+    log = open(os.path.join(run_dir, "log.txt")).read()
     assert "world size 2" in log and "replicas in sync: True" in log
-    assert "uw_weight_1" in open(os.path.join(tmp_path, "000-dtr-DiT-Ti-4-dtr", "metrics.csv")).readline()
+    assert "uw_weight_1" in open(os.path.join(run_dir, "metrics.csv")).readline()
 
 
 def test_sample_only_writes_adm_npz(tmp_path):
@@ -217,3 +218,73 @@ def test_timestep_cka_shape_and_diagonal(tmp_path):
     assert torch.equal(cka, cka.transpose(1, 2))
     dtr.save_cka_png(cka, str(tmp_path / "cka.png"))
     assert (tmp_path / "cka.png").exists()
+
+
+#################################################################################
+#            Protocol fidelity: unconditional runs, eta, resume safety          #
+#################################################################################
+
+@pytest.mark.parametrize("model_name", ["DiT-Ti/4", "ADM-S"])
+def test_one_class_is_an_unconditional_run_sampled_without_guidance(tmp_path, model_name, capsys):
+    """As the DTR authors for FFHQ: no label dropout, a 1-row label table, no guidance at sampling."""
+    run_dir = dtr.main(_run_args(tmp_path, 2, ["--num-classes", "1", "--model", model_name]))
+    ckpt = _final_weights(run_dir)
+    assert ckpt["args"]["unconditional"] and ckpt["args"]["num_classes"] == 1
+    table = "y_embedder.embedding_table.weight" if model_name.startswith("DiT") else "label_emb.weight"
+    assert ckpt["ema"][table].shape[0] == 1
+    path = dtr.main(["--sample-only", "--ckpt", latest_checkpoint(run_dir), "--num-samples", "2",
+                     "--num-sampling-steps", "2"])
+    assert "cfg1.0" in path
+    with pytest.raises(SystemExit) as e:
+        dtr.main(["--sample-only", "--ckpt", latest_checkpoint(run_dir), "--num-samples", "2",
+                  "--num-sampling-steps", "2", "--cfg-scale", "1.5"])
+    assert e.value.code == 2 and "unconditional" in capsys.readouterr().err
+
+
+def test_unconditional_flag_drops_labels_of_a_labelled_set(tmp_path):
+    run_dir = dtr.main(_run_args(tmp_path, 1, ["--unconditional"]))
+    ckpt = _final_weights(run_dir)
+    assert ckpt["args"]["num_classes"] == 1 and ckpt["ema"]["y_embedder.embedding_table.weight"].shape[0] == 1
+
+
+def test_ddim_eta_reaches_the_sampler(tmp_path):
+    import numpy as np
+    ckpt = latest_checkpoint(dtr.main(_run_args(tmp_path, 1)))
+    outs = []
+    for eta in ("0", "1", "0"):
+        path = dtr.main(["--sample-only", "--ckpt", ckpt, "--num-samples", "2", "--num-sampling-steps", "4",
+                         "--sampler", "ddim", "--ddim-eta", eta])
+        outs.append(np.load(path)["arr_0"].copy())
+    assert np.array_equal(outs[0], outs[2]) and not np.array_equal(outs[0], outs[1])
+
+
+def test_resume_refuses_other_training_settings_and_names_runs_by_them(tmp_path, capsys):
+    first = dtr.main(_run_args(tmp_path, 2))
+    assert os.path.basename(first) == "000-dtr-DiT-Ti-4-dtr-beta0.8-alpha4-none-cosine"
+    ckpt = latest_checkpoint(first)
+    with pytest.raises(SystemExit) as e:
+        dtr.main(_run_args(tmp_path, 4, ["--resume", ckpt, "--beta", "0.5", "--loss-weight", "min-snr"]))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--beta 0.8 (now 0.5)" in err and "--loss-weight none (now min-snr)" in err
+    with pytest.raises(SystemExit):  # same folder name, other global batch: refused too
+        dtr.main(_run_args(tmp_path, 4, ["--resume", "auto", "--global-batch-size", "8"]))
+    assert "--global-batch-size 4 (now 8)" in capsys.readouterr().err
+    # a sweep point with another beta gets its own folder instead of resuming the first
+    other = dtr.main(_run_args(tmp_path, 1, ["--resume", "auto", "--beta", "0.5"]))
+    assert os.path.basename(other) == "001-dtr-DiT-Ti-4-dtr-beta0.5-alpha4-none-cosine"
+
+
+def test_resume_applies_the_new_lr_and_logs_it(tmp_path):
+    run_dir = dtr.main(_run_args(tmp_path, 3))
+    dtr.main(_run_args(tmp_path, 6, ["--resume", "auto", "--lr", "5e-4"]))
+    ckpt = _final_weights(run_dir)
+    assert ckpt["step"] == 6 and ckpt["opt"]["param_groups"][0]["lr"] == 5e-4
+    assert "lr 0.001 -> 0.0005" in open(os.path.join(run_dir, "log.txt")).read()
+
+
+def test_ant_uw_batch_not_divisible_by_k_is_an_error_at_start(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        dtr.main(_run_args(tmp_path, 2, ["--loss-weight", "ant-uw", "--ant-k", "3"]))
+    assert e.value.code == 2 and "not divisible by --ant-k 3" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(tmp_path, "000-dtr-DiT-Ti-4-dtr-beta0.8-alpha4-ant-uw-cosine",
+                                           "checkpoints", "0000002.pt"))

@@ -597,3 +597,14 @@ def test_cli_inception_score_split_modes(tmp_path, capsys, stand_in_network):
         fid.main(base + ["--is-splits", "4", "--is-split-size", "5"])
     assert "not allowed with argument" in capsys.readouterr().err
 
+
+def test_bench_fidmem_measures_the_kept_features_and_removes_its_file(tmp_path, capsys):
+    import argparse
+    from eval import bench
+    results = {}
+    bench.bench_fidmem(argparse.Namespace(quick=True, fidmem_samples=40, fidmem_size=16, fidmem_dir=str(tmp_path)),
+                       torch.device("cpu"), results)
+    assert "[fidmem] 40 x 16x16x3 .npz" in capsys.readouterr().out
+    # what the measured pass must hold: the kept pool (2048) and IS logits (1008) of 40 samples, in float32
+    assert results["fidmem_traced_gb"] * 1e9 >= 40 * (2048 + 1008) * 4
+    assert os.listdir(tmp_path) == []

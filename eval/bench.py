@@ -6,22 +6,30 @@
 Sections (--only picks some): dtr (DiT fwd+bwd+AdamW step time and peak memory, routing dtr vs none), mfu (images/s,
 achieved TFLOP/s and MFU of that step), ant (step time of ANT-UW / PCGrad / Nash-MTL over k = 5 clusters vs vanilla),
 dp (interval clustering at T = 1000, k = 8), sampler (DDPM steps/s), taskdiffusion (inference time per image for
-1-10 DDIM steps vs the no-diffusion baseline; ViT-L at 512 px, --quick: tiny ViT at 64 px).
+1-10 DDIM steps vs the no-diffusion baseline; ViT-L at 512 px, --quick: tiny ViT at 64 px), fidmem (host memory
+of `python -m eval.fid` reading a synthetic 50K x 256x256x3 .npz with a stand-in feature model; --quick: 2000 x 64^2).
 Timings are medians over interleaved repeats (A, B, A, B, ...), so slow drift of the machine hits both sides alike.
 """
 import argparse
 import functools
+import os
+import shutil
 import statistics
+import tempfile
 import time
+import tracemalloc
+import zipfile
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 import ant_clustering as ant
 import dtr
 import task_diffusion as td
 from common.builders import create_model
 from common.diffusion import create_diffusion
-from common.train_utils import autocast
+from common.train_utils import autocast, fail
 
 # Dense bf16 tensor-core peak (TFLOP/s) per GPU name, from NVIDIA's data sheets; --peak-tflops overrides.
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}
@@ -266,8 +274,94 @@ def bench_taskdiffusion(args, device, results):
     results["taskdiffusion_3step_ratio"] = per_image["3 steps"] / per_image["baseline"]
 
 
+class StandInInception(torch.nn.Module):
+    """FIDInception's outputs and sizes (pool 2048, spatial 2023, logits 1008) from fixed random projections of the
+    4x4-pooled image: cheap, so fidmem measures eval.fid's own buffers rather than Inception's activations."""
+
+    def __init__(self):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.register_buffer("proj", torch.randn(48, 2048 + 2023 + 1008, generator=gen) / 48 ** 0.5)
+
+    def forward(self, x):
+        h = F.adaptive_avg_pool2d(x, 4).flatten(1) @ self.proj
+        pool, spatial, logits = h.split([2048, 2023, 1008], dim=1)
+        return dict(pool=pool.relu(), spatial=spatial.relu(), logits=logits, logits_unbiased=logits)
+
+
+def write_synthetic_npz(path, n, size, chunk=500):
+    """np.savez's layout (stored zip64 member arr_0.npy, .npy 1.0 header) for n uint8 size^2 x 3 images, written
+    chunk by chunk so that the 10 GB file never sits in memory."""
+    block = np.random.default_rng(0).integers(0, 256, (min(chunk, n), size, size, 3), dtype=np.uint8)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False,
+                                                     "shape": (n, size, size, 3)})
+            for start in range(0, n, chunk):
+                f.write(block[:min(chunk, n - start)] + np.uint8(start // chunk % 256))  # wraps: new pixels per chunk
+
+
+def reset_rss_peak():
+    """Reset Linux's peak-RSS counter (VmHWM) to the current RSS and return it in bytes; None where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return read_rss("VmRSS")
+    except OSError:
+        return None
+
+
+def read_rss(field="VmHWM"):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def bench_fidmem(args, device, results):
+    """Host memory of one eval.fid input side (stream arr_0, FID + sFID statistics, keep pool and IS logits, IS) on
+    a synthetic .npz: tracemalloc's peak (numpy / Python buffers) and the growth of the process's peak RSS."""
+    from eval import fid
+    n = args.fidmem_samples or (2000 if args.quick else 50_000)
+    size = args.fidmem_size or (64 if args.quick else 256)
+    folder = args.fidmem_dir or tempfile.gettempdir()
+    file_bytes = n * size * size * 3
+    if not os.path.isdir(folder) or shutil.disk_usage(folder).free < 1.1 * file_bytes:
+        fail(f"fidmem needs {file_bytes / 1e9:.1f} GB free in --fidmem-dir {folder!r}; pass a folder with room or "
+             f"fewer --fidmem-samples")
+    fd, path = tempfile.mkstemp(suffix=".npz", dir=folder)
+    os.close(fd)
+    try:
+        model = StandInInception()
+        # warm-up on a small file: the first call pages in kernels of torch's libraries, which RSS would count
+        write_synthetic_npz(path, min(n, 100), size)
+        fid.describe_input(path, fid.inspect_input(path), model, 50, device, keep=["pool", "logits_unbiased"])
+        write_synthetic_npz(path, n, size)
+        info = fid.inspect_input(path)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        rss_before = reset_rss_peak()
+        tracemalloc.start()
+        start = time.perf_counter()
+        feats, _, _ = fid.describe_input(path, info, model, 50, device, keep=["pool", "logits_unbiased"])  # CLI batch
+        fid.inception_score(feats["logits_unbiased"])
+        seconds = time.perf_counter() - start
+        traced = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        rss = read_rss() - rss_before if rss_before is not None else None
+        del feats
+    finally:
+        os.remove(path)
+    gpu = f", CUDA peak {torch.cuda.max_memory_allocated(device) / 1e9:.2f} GB" if device.type == "cuda" else ""
+    rss_text = f"{rss / 1e9:.2f} GB" if rss is not None else "n/a (no /proc/self/clear_refs)"
+    print(f"[fidmem] {n} x {size}x{size}x3 .npz ({file_bytes / 1e9:.2f} GB), stand-in features 2048/2023/1008, "
+          f"batch 50: traced peak {traced / 1e9:.2f} GB, peak RSS growth {rss_text}{gpu} (target < 2 GB); "
+          f"{n / seconds:.0f} images/s")
+    results["fidmem_traced_gb"] = traced / 1e9
+    if rss is not None:
+        results["fidmem_rss_gb"] = rss / 1e9
+
+
 SECTIONS = {"dtr": bench_dtr, "mfu": bench_mfu, "ant": bench_ant, "dp": bench_dp, "sampler": bench_sampler,
-            "taskdiffusion": bench_taskdiffusion}
+            "taskdiffusion": bench_taskdiffusion, "fidmem": bench_fidmem}
 
 
 #################################################################################
@@ -289,6 +383,9 @@ def parse_args(argv=None):
                                                                    "--quick: 2)")
     p.add_argument("--no-bf16", dest="bf16", action="store_false")
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, for MFU")
+    p.add_argument("--fidmem-samples", type=int, default=None, help="fidmem images (default 50000; --quick: 2000)")
+    p.add_argument("--fidmem-size", type=int, default=None, help="fidmem image side (default 256; --quick: 64)")
+    p.add_argument("--fidmem-dir", default=None, help="folder for fidmem's temporary .npz (default: system temp)")
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     args = p.parse_args(argv)
     quick = dict(model="DiT-S/4", batch_size=10, iters=5, sampling_steps=10, td_batch_size=2)

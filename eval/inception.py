@@ -24,6 +24,7 @@ ADM's TF evaluator resizes inside the graph with TF's legacy bilinear kernel, so
 ADM's by a small amount; compare only numbers computed with the same pipeline.
 """
 import os
+from collections.abc import Mapping
 
 import torch
 import torch.nn as nn
@@ -217,7 +218,17 @@ class FIDInception(nn.Module):
             raise FileNotFoundError(
                 f"FID Inception weights not found at {weights_path!r}: download {FID_WEIGHTS_URL} once by hand "
                 f"and pass its local path")
-        state_dict = dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+        try:
+            state_dict = torch.load(weights_path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - on arbitrary bytes torch's weights-only unpickler raises anything
+            # (UnpicklingError, EOFError, IndexError, RuntimeError ...), its messages run to many lines; the user
+            # needs the file name and the fix
+            raise ValueError(f"{weights_path!r} is not a readable torch weight file ({type(e).__name__}); use "
+                             f"{FID_WEIGHTS_NAME} from {FID_WEIGHTS_URL}") from None
+        if not isinstance(state_dict, Mapping):
+            raise ValueError(f"{weights_path!r} holds a {type(state_dict).__name__}, not a state dict; use "
+                             f"{FID_WEIGHTS_NAME} from {FID_WEIGHTS_URL}")
+        state_dict = dict(state_dict)
         own = self.state_dict()
         # BatchNorm's step counter is bookkeeping, not a weight: older exports of the file may lack it.
         for key in own:
@@ -228,6 +239,11 @@ class FIDInception(nn.Module):
             raise ValueError(
                 f"{weights_path!r} is not pytorch-fid's FID Inception state dict ({len(missing)} missing keys, e.g. "
                 f"{missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]}); use {FID_WEIGHTS_NAME}")
+        wrong = [(k, tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__, tuple(own[k].shape))
+                 for k, v in state_dict.items() if not isinstance(v, torch.Tensor) or v.shape != own[k].shape]
+        if wrong:
+            raise ValueError(f"{weights_path!r} has the FID Inception keys but {len(wrong)} tensors of the wrong shape "
+                             f"(e.g. {wrong[0][0]}: {wrong[0][1]}, expected {wrong[0][2]}); use {FID_WEIGHTS_NAME}")
         self.load_state_dict(state_dict, strict=True)
 
     def forward(self, x):

@@ -118,6 +118,45 @@ def test_inception_score_matches_hand_computation():
         inception_score(logits, splits=10)
 
 
+# Three 2-class predictions: a = (1, 0), b = (0, 1), c = (1/2, 1/2); logits -800 give exp(-800) = 0 in float64.
+A, B, C = [0.0, -800.0], [-800.0, 0.0], [0.0, 0.0]
+SAMPLES_ABCAA = np.array([A, B, C, A, A])
+
+
+def test_inception_score_adm_split_size_matches_hand_computation():
+    # split_size 2 -> {a, b}, {c, a}, {a} (ADM keeps the short last split). {a, b}: p(y) = (1/2, 1/2), KL = log 2
+    # each, IS 2. {c, a}: p(y) = (3/4, 1/4), KL(c) = 1/2 log(4/3), KL(a) = log(4/3), IS (4/3)^(3/4). {a}: IS 1.
+    scores = [2.0, (4 / 3) ** 0.75, 1.0]
+    mean, std = inception_score(SAMPLES_ABCAA, split_size=2)
+    assert mean == pytest.approx(np.mean(scores), rel=1e-12) and std == pytest.approx(np.std(scores), rel=1e-12)
+    # Default = ADM's split_size 5000: all five in one split, p(y) = (0.7, 0.3).
+    kl_c = 0.5 * np.log(0.5 / 0.7) + 0.5 * np.log(0.5 / 0.3)
+    one_split = np.exp((3 * np.log(1 / 0.7) + np.log(1 / 0.3) + kl_c) / 5)
+    assert inception_score(SAMPLES_ABCAA) == pytest.approx((one_split, 0.0), rel=1e-12, abs=1e-12)
+
+
+def test_inception_score_fixed_splits_matches_hand_computation():
+    # splits=2 -> improved-gan bounds 0, 5 // 2 = 2, 5: {a, b} (IS 2) and {c, a, a}: p(y) = (5/6, 1/6),
+    # KL(c) = 1/2 log(9/5), KL(a) = log(6/5).
+    scores = [2.0, np.exp((0.5 * np.log(9 / 5) + 2 * np.log(6 / 5)) / 3)]
+    mean, std = inception_score(SAMPLES_ABCAA, splits=2)
+    assert mean == pytest.approx(np.mean(scores), rel=1e-12) and std == pytest.approx(np.std(scores), rel=1e-12)
+    with pytest.raises(ValueError, match="not both"):
+        inception_score(SAMPLES_ABCAA, splits=2, split_size=2)
+
+
+def test_inception_split_bounds_follow_adm_and_improved_gan():
+    # ADM: 50K -> 10 splits, 10K -> 2 (SPEC), and a remainder becomes a short last split.
+    assert fid.inception_split_bounds(50_000) == [(i, i + 5000) for i in range(0, 50_000, 5000)]
+    assert fid.inception_split_bounds(10_000) == [(0, 5000), (5000, 10_000)]
+    assert fid.inception_split_bounds(12_000) == [(0, 5000), (5000, 10_000), (10_000, 12_000)]
+    assert fid.inception_split_bounds(3000) == [(0, 3000)]
+    # improved-gan: i * N // splits.
+    assert fid.inception_split_bounds(10, splits=3) == [(0, 3), (3, 6), (6, 10)]
+    with pytest.raises(ValueError, match="splits <= N"):
+        fid.inception_split_bounds(5, splits=6)
+
+
 def test_precision_recall_identical_and_disjoint_clouds():
     rng = np.random.default_rng(4)
     real = rng.standard_normal((40, 16))
@@ -320,5 +359,252 @@ def test_cli_with_statistics_only_files(tmp_path, capsys):
     assert f"FID: {np.sum((mu1 - mu2) ** 2):.4f}" in out
     assert "sFID: 3.0000" in out
     assert "Skipped: Inception Score" in out and "precision/recall" in out
-    with pytest.raises(FileNotFoundError, match="pt_inception"):
-        fid.main([str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "--inception-weights", "nope.pth"])
+    assert "samples statistics" in out and "mu/sigma stored in the file; mu_s/sigma_s stored in the file" in out
+
+
+#################################################################################
+#                          Streaming 50K-sample .npz Files                      #
+#################################################################################
+
+def pixel_features(images):
+    """The float32 [0, 1] pixels of uint8 NHWC images in the network's NCHW order, flattened, computed in numpy."""
+    return images.transpose(0, 3, 1, 2).reshape(len(images), -1).astype(np.float32) / np.float32(255)
+
+
+class PixelInception(torch.nn.Module):
+    """Stand-in for FIDInception whose features pixel_features() reproduces: pool = first 6 values, spatial = the
+    squares of the next 4, logits = 20 x the first 5."""
+
+    def __init__(self, weights_path=None):
+        super().__init__()
+
+    def forward(self, x):
+        flat = x.flatten(1)
+        return dict(pool=flat[:, :6], spatial=flat[:, 6:10] ** 2, logits=20 * flat[:, :5],
+                    logits_unbiased=20 * flat[:, :5])
+
+
+def test_npz_streaming_statistics_match_whole_array(tmp_path):
+    images = np.random.default_rng(11).integers(0, 256, (23, 5, 4, 3), dtype=np.uint8)
+    save_adm_npz(str(tmp_path / "stored.npz"), images)
+    np.savez_compressed(tmp_path / "deflated.npz", arr_0=images)  # zipfile inflates a member as it is read
+    feats = pixel_features(images)
+    expected = {"pool": fid.feature_statistics(feats[:, :6]), "spatial": fid.feature_statistics(feats[:, 6:10] ** 2)}
+    for name in ("stored.npz", "deflated.npz"):
+        for batch_size in (1, 4, 23, 50):  # one image per batch, a short last batch, one batch, more than N
+            kept, stats = fid.extract_features(str(tmp_path / name), PixelInception(), batch_size,
+                                               keep=["pool"], statistics=["pool", "spatial"])
+            assert kept["pool"].dtype == np.float32 and set(kept) == {"pool"}
+            np.testing.assert_array_equal(kept["pool"], feats[:, :6])
+            for feature, (mu, sigma) in expected.items():
+                np.testing.assert_allclose(stats[feature][0], mu, rtol=1e-10, atol=1e-13)
+                np.testing.assert_allclose(stats[feature][1], sigma, rtol=1e-9, atol=1e-13)
+    mu, sigma = compute_statistics(str(tmp_path / "stored.npz"), PixelInception(), batch_size=5, feature="spatial")
+    np.testing.assert_allclose(sigma, expected["spatial"][1], rtol=1e-9, atol=1e-13)
+
+
+def test_running_statistics_keep_precision_far_from_the_origin():
+    # Features of spread 1 around 1e6: the one-pass sum(x x^T) - n mu mu^T formula loses ~1e-4 here in float64.
+    x = np.random.default_rng(12).standard_normal((1000, 3)) + 1e6
+    running = fid.RunningStatistics()
+    for start in range(0, 1000, 64):
+        running.update(torch.from_numpy(x[start:start + 64]))
+    mu, sigma = running.finalize()
+    np.testing.assert_allclose(mu, x.mean(0), rtol=1e-14)
+    np.testing.assert_allclose(sigma, np.cov(x, rowvar=False), rtol=1e-9, atol=1e-9)
+
+
+def test_npz_streaming_never_holds_the_whole_array(tmp_path):
+    import tracemalloc
+    images = np.random.default_rng(13).integers(0, 256, (1000, 32, 32, 3), dtype=np.uint8)  # 3 MB
+    save_adm_npz(str(tmp_path / "stored.npz"), images)
+    np.savez_compressed(tmp_path / "deflated.npz", arr_0=images)
+
+    def peak_bytes(fn):
+        tracemalloc.start()
+        try:
+            fn()
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    # control: the whole-array read is visible to tracemalloc
+    assert peak_bytes(lambda: load_images_npz(str(tmp_path / "stored.npz"))) >= images.nbytes
+    for name in ("stored.npz", "deflated.npz"):
+        peak = peak_bytes(lambda: compute_statistics(str(tmp_path / name), MeanColour(), batch_size=8))
+        # 8 images are 24 KB; zipfile / zlib buffers add a constant ~0.15 MB whatever the file's size
+        assert peak < images.nbytes / 10, (name, peak)
+
+
+#################################################################################
+#                        Command Line: Inputs and Reports                       #
+#################################################################################
+
+@pytest.fixture
+def stand_in_network(monkeypatch, tmp_path):
+    """main() with PixelInception in place of FIDInception; returns the (empty, existing) weight file path."""
+    import eval.inception
+    monkeypatch.setattr(eval.inception, "FIDInception", PixelInception)
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes(b"")
+    return str(weights)
+
+
+def cli_error(capsys, argv):
+    """Run main(argv), expect exit status 2 and return its single `error:` line (tqdm may also write to stderr)."""
+    with pytest.raises(SystemExit) as exit_info:
+        fid.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err
+    return errors[0]
+
+
+def write_images_npz(path, n=10, seed=14, size=4):
+    images = np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    save_adm_npz(str(path), images)
+    return images
+
+
+@pytest.mark.parametrize("kind", ["npy", "png"])
+def test_cli_rejects_input_that_is_neither_folder_nor_npz(tmp_path, capsys, stand_in_network, kind):
+    images = write_images_npz(tmp_path / "ref.npz")
+    path = tmp_path / f"samples.{kind}"
+    if kind == "npy":
+        np.save(path, images)
+    else:
+        Image.fromarray(images[0]).save(path)
+    line = cli_error(capsys, [path, tmp_path / "ref.npz", "--inception-weights", stand_in_network])
+    assert str(path) in line and "neither a folder of images nor an .npz file" in line
+
+
+def test_cli_rejects_missing_input(tmp_path, capsys, stand_in_network):
+    write_images_npz(tmp_path / "samples.npz")
+    line = cli_error(capsys, [tmp_path / "samples.npz", tmp_path / "nope.npz", "--inception-weights",
+                              stand_in_network])
+    assert str(tmp_path / "nope.npz") in line and "no such file or folder" in line
+
+
+def npz_bytes_with_short_or_long_arr_0(images, extra):
+    """A zip whose arr_0.npy header announces 10 images but whose data holds len(images) images (+ extra bytes)."""
+    import io
+    import zipfile
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False,
+                                                  "shape": (10, *images.shape[1:])})
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        zf.writestr("arr_0.npy", header.getvalue() + images.tobytes() + extra)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("garbage", "not a readable zip archive"),
+    ("truncated", "corrupt or truncated"),       # the zip directory at the end is gone
+    ("flipped bytes", "reading images 9-9 of arr_0 failed (BadZipFile: Bad CRC-32"),  # checked at the member's end
+    ("short arr_0", "arr_0 ends after 5 of the 10 images"),
+    ("long arr_0", "more bytes than its header's shape"),
+])
+def test_cli_rejects_corrupt_or_truncated_npz(tmp_path, capsys, stand_in_network, damage, message):
+    # 32 x 32 images: 30 KB, more than zipfile's 4 KB read-ahead, so damage near the end is met while streaming
+    images = write_images_npz(tmp_path / "good.npz", size=32)
+    good = (tmp_path / "good.npz").read_bytes()
+    data = {"garbage": b"not a zip archive at all",
+            "truncated": good[:len(good) // 2],
+            "flipped bytes": good.replace(images[7].tobytes(), bytes(255 - images[7])),
+            "short arr_0": npz_bytes_with_short_or_long_arr_0(images[:5], b""),
+            "long arr_0": npz_bytes_with_short_or_long_arr_0(images, b"xx")}[damage]
+    (tmp_path / "bad.npz").write_bytes(data)
+    line = cli_error(capsys, [tmp_path / "bad.npz", tmp_path / "good.npz", "--inception-weights", stand_in_network,
+                              "--batch-size", "3"])
+    assert str(tmp_path / "bad.npz") in line and "not a valid ADM batch (arr_0 uint8 NHWC with 3 channels)" in line
+    assert message in line
+
+
+@pytest.mark.parametrize("arrays, message", [
+    (dict(arr_0=np.zeros((4, 8, 8, 3), np.float32)), "arr_0 is float32 (4, 8, 8, 3)"),
+    (dict(arr_0=np.zeros((4, 8, 8, 4), np.uint8)), "arr_0 is uint8 (4, 8, 8, 4)"),
+    (dict(arr_0=np.zeros((4, 8, 3), np.uint8)), "arr_0 is uint8 (4, 8, 3)"),  # 3 channels but no width
+    (dict(arr_0=np.asfortranarray(np.zeros((4, 8, 8, 3), np.uint8))), "Fortran order"),
+    (dict(arr_0=np.array([None, 1], dtype=object)), "object array"),
+    (dict(images=np.zeros((4, 8, 8, 3), np.uint8)), "neither arr_0 nor mu/sigma"),
+])
+def test_cli_rejects_npz_that_is_not_uint8_nhwc(tmp_path, capsys, stand_in_network, arrays, message):
+    write_images_npz(tmp_path / "good.npz")
+    np.savez(tmp_path / "bad.npz", **arrays)
+    line = cli_error(capsys, [tmp_path / "good.npz", tmp_path / "bad.npz", "--inception-weights", stand_in_network])
+    assert str(tmp_path / "bad.npz") in line and "not a valid ADM batch (arr_0 uint8 NHWC with 3 channels)" in line
+    assert message in line
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "not found"),
+    (b"these are not torch weights", "not a readable torch weight file"),
+    ({"AuxLogits.fc.weight": torch.zeros(2, 2)}, "not pytorch-fid's FID Inception state dict"),
+    (torch.zeros(3), "holds a Tensor, not a state dict"),
+])
+def test_cli_rejects_bad_inception_weights(tmp_path, capsys, content, message):
+    write_images_npz(tmp_path / "samples.npz")
+    weights = tmp_path / "weights.pth"
+    if isinstance(content, bytes):
+        weights.write_bytes(content)
+    elif content is not None:
+        torch.save(content, weights)
+    line = cli_error(capsys, [tmp_path / "samples.npz", tmp_path / "samples.npz", "--inception-weights", weights])
+    assert str(weights) in line and message in line and "pt_inception-2015-12-05-6726825d.pth" in line
+
+
+def test_cli_says_whether_stored_or_recomputed_statistics_were_used(tmp_path, capsys, stand_in_network):
+    samples, reference = write_images_npz(tmp_path / "s.npz", 12, 15), write_images_npz(tmp_path / "r.npz", 12, 16)
+    mu_ref, sigma_ref = np.full(6, 0.5), 0.1 * np.eye(6)
+    np.savez(tmp_path / "r.npz", arr_0=reference, mu=mu_ref, sigma=sigma_ref)  # an ADM reference batch: images + stats
+    fs, fr = pixel_features(samples)[:, :6], pixel_features(reference)[:, :6]
+    args = [tmp_path / "s.npz", tmp_path / "r.npz", "--inception-weights", stand_in_network]
+
+    fid.main([str(a) for a in args])
+    out = capsys.readouterr().out
+    assert (f"reference statistics ({tmp_path / 'r.npz'}): mu/sigma recomputed from its 12 images; mu_s/sigma_s "
+            f"recomputed from its 12 images (stored mu/sigma not used" in out)
+    assert f"samples statistics ({tmp_path / 's.npz'}): mu/sigma recomputed from its 12 images" in out
+    recomputed = frechet_distance(*fid.feature_statistics(fs), *fid.feature_statistics(fr))
+    assert f"FID: {recomputed:.4f}" in out
+
+    fid.main([str(a) for a in args] + ["--prefer-stored-stats"])
+    out = capsys.readouterr().out
+    assert (f"reference statistics ({tmp_path / 'r.npz'}): mu/sigma stored in the file; mu_s/sigma_s recomputed "
+            f"from its 12 images\n" in out)
+    stored = frechet_distance(*fid.feature_statistics(fs), mu_ref, sigma_ref)
+    assert f"FID: {stored:.4f}" in out and f"{stored:.4f}" != f"{recomputed:.4f}"
+
+
+def test_cli_inception_score_split_modes(tmp_path, capsys, stand_in_network):
+    samples = write_images_npz(tmp_path / "s.npz", 12, 17)
+    logits = 20 * pixel_features(samples)[:, :5]
+    base = [str(tmp_path / "s.npz"), str(tmp_path / "s.npz"), "--inception-weights", stand_in_network]
+    for extra, text, kwargs in [([], "ADM split size 5000: 1 splits of 12 samples", {}),
+                                (["--is-split-size", "5"], "ADM split size 5: 3 splits of 5 / 2 samples",
+                                 dict(split_size=5)),
+                                (["--is-splits", "4"], "4 fixed splits (improved-gan): 4 splits of 3 samples",
+                                 dict(splits=4))]:
+        fid.main(base + extra)
+        out = capsys.readouterr().out
+        mean, std = inception_score(logits, **kwargs)
+        assert f"Inception Score: {mean:.4f} +- {std:.4f} ({text}, unweighted mean)" in out, out
+    assert "more than the 12 sample images" in cli_error(capsys, base + ["--is-splits", "13"])
+    assert "--is-split-size must be >= 1" in cli_error(capsys, base + ["--is-split-size", "0"])
+    with pytest.raises(SystemExit):  # argparse: the two modes exclude each other
+        fid.main(base + ["--is-splits", "4", "--is-split-size", "5"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_bench_fidmem_measures_the_kept_features_and_removes_its_file(tmp_path, capsys):
+    import argparse
+    from eval import bench
+    results = {}
+    bench.bench_fidmem(argparse.Namespace(quick=True, fidmem_samples=40, fidmem_size=16, fidmem_dir=str(tmp_path)),
+                       torch.device("cpu"), results)
+    assert "[fidmem] 40 x 16x16x3 .npz" in capsys.readouterr().out
+    # what the measured pass must hold: the kept pool (2048) and IS logits (1008) of 40 samples, in float32
+    assert results["fidmem_traced_gb"] * 1e9 >= 40 * (2048 + 1008) * 4
+    assert os.listdir(tmp_path) == []

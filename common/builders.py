@@ -52,6 +52,11 @@ def create_model(name, input_size, in_channels, num_classes, learn_sigma=True, c
         class_dropout_prob = 0.0
     dit_kwargs = dict(input_size=input_size, in_channels=in_channels, num_classes=num_classes,
                       learn_sigma=learn_sigma, class_dropout_prob=class_dropout_prob)
+    if name.startswith("DiT"):
+        patch = int(name.rsplit("/", 1)[1]) if "/" in name else 0
+        if patch and input_size % patch:
+            fail(f"{name} needs an input size divisible by its patch size {patch}, got {input_size}"
+                 f"{' (latents are 1/8 of --image-size)' if in_channels == 4 else ''}; change --image-size")
     if name in DiT_models:
         model = DiT_models[name](**dit_kwargs)
     elif name == "DiT-Ti/4":
@@ -60,6 +65,10 @@ def create_model(name, input_size, in_channels, num_classes, learn_sigma=True, c
         if name == "ADM" and input_size not in ADM_CONFIGS:
             fail(f"ADM has configs for image sizes {sorted(ADM_CONFIGS)}; use --image-size one of them or ADM-S")
         cfg = ADM_CONFIGS[input_size] if name == "ADM" else ADM_SMALL
+        factor = 2 ** (len(cfg["channel_mult"]) - 1)
+        if input_size % factor:
+            fail(f"{name} downsamples {factor}x: it needs an input size divisible by {factor}, got {input_size}; "
+                 f"change --image-size")
         # guided-diffusion has no null class; one extra embedding row (index num_classes) serves classifier-free
         # guidance as in DiT, and the training loop drops labels (cfg_label_dropout) since UNetModel does not.
         model = UNetModel(image_size=input_size, in_channels=in_channels,

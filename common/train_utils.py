@@ -4,12 +4,18 @@ Exact resume rests on two rules: every step's randomness is re-seeded from (seed
 the data order is a pure function of (seed, global batch index) (`ResumableSampler`). A resumed run therefore
 draws exactly the batches and noise the uninterrupted one would have, with no RNG state to carry around.
 """
+import argparse
+import atexit
 import contextlib
 import copy
 import csv
+import errno
+import functools
 import glob
+import math
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -45,7 +51,17 @@ def init_distributed():
         torch.backends.cudnn.allow_tf32 = True
     else:
         device = torch.device("cpu")
+        set_cpu_threads()
     return rank, world_size, device
+
+
+def set_cpu_threads():
+    """CPU runs: OMP_NUM_THREADS torch threads when it is set (torchrun sets 1 per process), else half the cores
+    (at least 1): on a loaded 2-core machine two threads ran 2-4x slower per step than one. Returns the count."""
+    given = os.environ.get("OMP_NUM_THREADS", "")
+    threads = int(given) if given.isdigit() and int(given) > 0 else max(1, (os.cpu_count() or 2) // 2)
+    torch.set_num_threads(threads)
+    return threads
 
 
 def cleanup_distributed():
@@ -101,7 +117,7 @@ class ResumableSampler(torch.utils.data.Sampler):
     def __init__(self, dataset_size, batch_size, rank=0, world_size=1, seed=0, start_batch=0):
         self.batches_per_epoch = dataset_size // (batch_size * world_size)
         if self.batches_per_epoch == 0:
-            raise ValueError(f"the dataset has {dataset_size} items, fewer than one global batch of "
+            raise InputError(f"the dataset has {dataset_size} items, fewer than one global batch of "
                              f"{batch_size * world_size}; lower --global-batch-size")
         self.size, self.batch_size, self.rank, self.world_size = dataset_size, batch_size, rank, world_size
         self.seed, self.start_batch = seed, start_batch
@@ -175,17 +191,36 @@ def add_run_args(parser):
     g = parser.add_argument_group("run")
     g.add_argument("--results-dir", default="results")
     g.add_argument("--resume", default=None, help="'auto' (latest checkpoint of the newest matching run) or PATH")
-    g.add_argument("--steps", type=int, help="training steps")
-    g.add_argument("--global-batch-size", type=int, help="summed over all ranks")
-    g.add_argument("--lr", type=float)
-    g.add_argument("--ema-decay", type=float)
-    g.add_argument("--num-workers", type=int, help="data-loading processes per rank")
-    g.add_argument("--log-every", type=int)
-    g.add_argument("--ckpt-every", type=int)
-    g.add_argument("--sample-every", type=int)
+    g.add_argument("--steps", type=positive_int, help="training steps")
+    g.add_argument("--global-batch-size", type=positive_int, help="summed over all ranks")
+    g.add_argument("--lr", type=positive_float)
+    g.add_argument("--ema-decay", type=unit_float, help="in [0, 1]")
+    g.add_argument("--num-workers", type=non_negative_int, help="data-loading processes per rank")
+    g.add_argument("--log-every", type=positive_int)
+    g.add_argument("--ckpt-every", type=positive_int)
+    g.add_argument("--sample-every", type=positive_int)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-bf16", dest="bf16", action="store_false", help="disable bf16 autocast on CUDA")
     return parser
+
+
+def _number(kind, test, what):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"{text} is not {what}")
+        return value
+    parse.__name__ = what  # argparse names the type in its message
+    return parse
+
+
+positive_int = _number(int, lambda v: v > 0, "a positive integer")
+non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _number(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
+unit_float = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 
 def fill_defaults(args, defaults):
@@ -202,15 +237,58 @@ def fail(message):
     sys.exit(2)
 
 
+class InputError(ValueError):
+    """Bad input the message explains (a data set too small for the batch, a model size the data cannot have,
+    ...), raised where it is found; `one_line_errors` turns it into fail()'s one line."""
+
+
+def one_line_errors(main):
+    """Decorator for a script's main(): an InputError, a full disk or a data folder that is a file end the program
+    with one line and exit status 2 instead of a traceback (the one place that does this for every script)."""
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except InputError as e:
+            fail(str(e))
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                fail(f"no space left on the device while writing {e.filename or 'a file'}; the partial file was "
+                     f"removed and earlier checkpoints are intact: free some space, then --resume auto")
+            raise
+    return wrapper
+
+
 #################################################################################
 #                      Results folder, logs and checkpoints                     #
 #################################################################################
 
+TMP_PATTERN = re.compile(r".*\.tmp\d+(\.png)?")  # what save_atomic / save_image_grid write before their rename
+
+
 def save_atomic(obj, path):
-    """torch.save to a temp file in the same folder, then rename: a crash never leaves a half-written file."""
+    """torch.save to a temp file in the same folder, then rename: a crash never leaves a half-written file, and
+    a failed write (e.g. a full disk) removes its temp file before the error goes on."""
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, RuntimeError) and "No space left" in str(e):  # torch's zip writer wraps ENOSPC
+            raise OSError(errno.ENOSPC, "No space left on device", path) from None
+        raise
+
+
+def remove_stale_tmp_files(folder):
+    """Delete temp files that writes killed before their rename left behind (they are never complete)."""
+    removed = []
+    for name in os.listdir(folder) if os.path.isdir(folder) else ():
+        if TMP_PATTERN.fullmatch(name):
+            os.remove(os.path.join(folder, name))
+            removed.append(name)
+    return removed
 
 
 def latest_checkpoint(run_dir):
@@ -281,6 +359,7 @@ class TrainingRun:
             fail(f"--global-batch-size {args.global_batch_size} is not divisible by the {world_size} processes")
         self.batch_size = args.global_batch_size // world_size
         self.stop_requested = False
+        self._stop_group = None  # gloo group for the stop flag, made on first use
         self.resume_path = self._resume_path(args, name)
         if self.resume_path:
             self.dir = run_dir_of(self.resume_path)
@@ -291,23 +370,48 @@ class TrainingRun:
         if rank == 0:
             os.makedirs(self.ckpt_dir, exist_ok=True)
             os.makedirs(self.sample_dir, exist_ok=True)
+            for folder in (self.dir, self.ckpt_dir, self.sample_dir):
+                for name in remove_stale_tmp_files(folder):
+                    self.log(f"removed {name}, left by a write that was killed before it finished")
+            if not self.resume_path:  # a run that fails before it logs a step leaves no folder behind
+                atexit.register(self._remove_if_unused)
         self._csv_fields = None
         self._t0, self._last = time.time(), (time.time(), 0)
+        if not torch.cuda.is_available():
+            given = os.environ.get("OMP_NUM_THREADS")
+            self.log(f"CPU run: {torch.get_num_threads()} torch thread(s) per process "
+                     + (f"(OMP_NUM_THREADS={given})" if given else "(half the cores; set OMP_NUM_THREADS to change)"))
         for sig in (signal.SIGTERM, signal.SIGUSR1):  # cluster pre-emption: checkpoint, then exit cleanly
             signal.signal(sig, self._on_signal)
 
     # ----- folders -----------------------------------------------------------
     def _new_dir(self, root, name):
+        """root/NNN-<name> with NNN one above the highest index in root: a deleted folder's number is never reused
+        (counting folders would hand out the next run's number again and append to it)."""
         safe = re.sub(r"[^A-Za-z0-9_.-]", "-", name)
         path = [None]
         if self.rank == 0:
             os.makedirs(root, exist_ok=True)
-            idx = len(glob.glob(os.path.join(root, "[0-9][0-9][0-9]-*")))
-            path[0] = os.path.join(root, f"{idx:03d}-{safe}")
-            os.makedirs(path[0], exist_ok=True)
+            while True:
+                taken = [int(m[1]) for d in os.listdir(root) for m in [re.match(r"(\d{3,})-", d)] if m]
+                candidate = os.path.join(root, f"{max(taken, default=-1) + 1:03d}-{safe}")
+                try:
+                    os.makedirs(candidate)  # exist_ok=False: a concurrent launch that took it makes us retry
+                    break
+                except FileExistsError:
+                    continue
+            path[0] = candidate
         if dist.is_initialized():
             dist.broadcast_object_list(path, src=0)
         return path[0]
+
+    def _remove_if_unused(self):
+        """atexit (rank 0, fresh runs): delete the folder if the run ended before its first metrics row, sample or
+        checkpoint (a failed start: bad flags found after the folder was made)."""
+        used = os.path.exists(os.path.join(self.dir, "metrics.csv")) or latest_checkpoint(self.dir) or (
+            os.path.isdir(self.sample_dir) and os.listdir(self.sample_dir))
+        if not used and os.path.isdir(self.dir):
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     def _resume_path(self, args, name):
         if not args.resume:
@@ -329,6 +433,22 @@ class TrainingRun:
         tqdm.write(line)  # prints above the progress bar instead of breaking it
         with open(os.path.join(self.dir, "log.txt"), "a") as f:
             f.write(line + "\n")
+
+    def resumed_at(self, step):
+        """After loading a checkpoint of `step`: time the first steps/s from here, and drop the metrics.csv rows
+        of steps after it (steps the killed run made past its last checkpoint, which are replayed now)."""
+        self._last = (time.time(), step)
+        path = os.path.join(self.dir, "metrics.csv")
+        if self.rank == 0 and os.path.exists(path):
+            with open(path, newline="") as f:
+                rows = list(csv.reader(f))
+            kept = rows[:1] + [r for r in rows[1:] if r and int(float(r[0])) <= step]
+            if len(kept) != len(rows):
+                tmp = f"{path}.tmp{os.getpid()}"
+                with open(tmp, "w", newline="") as f:
+                    csv.writer(f).writerows(kept)
+                os.replace(tmp, path)
+                self.log(f"metrics.csv: dropped {len(rows) - len(kept)} row(s) after step {step}, replayed now")
 
     def log_metrics(self, step, images_seen=None, **values):
         """Append one row to metrics.csv (adds steps/s, images/s and peak GPU memory) and a line to log.txt."""
@@ -386,6 +506,9 @@ class TrainingRun:
             return None
         self.log(f"resuming from {self.resume_path}")
         ckpt = load_checkpoint(self.resume_path)
+        if not (isinstance(ckpt, dict) and {"model", "ema", "opt", "args", "step"} <= set(ckpt)):
+            fail(f"--resume {self.resume_path} is not a training checkpoint of ours (model, ema, opt, args, step); "
+                 f"authors' weights can be sampled with --sample-only --ckpt, not resumed")
         self.check_resume(ckpt)
         return ckpt
 
@@ -407,14 +530,15 @@ class TrainingRun:
         self.stop_requested = True
 
     def should_stop(self, step, device):
-        """True on every rank once any rank got SIGTERM/SIGUSR1. Under DDP the ranks agree through a tiny
-        all-reduce every 10 steps (not every step: it would add a host-device sync to each step)."""
+        """True on every rank once any rank got SIGTERM/SIGUSR1. Under DDP the ranks agree after every step (a
+        slow step must not outlast torchrun's grace period) through a one-number all-reduce in a CPU (gloo)
+        group: no host-device sync on the GPU."""
         if not dist.is_initialized():
             return self.stop_requested
-        if step % 10:
-            return False
-        flag = torch.tensor([float(self.stop_requested)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if self._stop_group is None:
+            self._stop_group = dist.new_group(backend="gloo")
+        flag = torch.tensor([float(self.stop_requested)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._stop_group)
         return bool(flag.item())
 
 
@@ -431,6 +555,7 @@ def resume_training(run, model, ema, opt, **extras):
         return 0
     load_model_state(model, ckpt["model"], run.resume_path)
     ema.load_state_dict(ckpt["ema"])
+    run.resumed_at(ckpt["step"])
     # The optimiser state (moments) resumes; its hyperparameters are the ones of this command line (--lr, ...).
     current = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
     opt.load_state_dict(ckpt["opt"])

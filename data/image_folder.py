@@ -82,6 +82,8 @@ def next_readable(idx, num_items, read_item, unreadable):
 
 def check_data_dir(root, layout_hint):
     """Raise the one-line error every data loader uses for a missing folder."""
+    if os.path.isfile(root):
+        raise FileNotFoundError(f"--data '{root}' is a file, not a folder; pass --data synthetic or {layout_hint}")
     if not os.path.isdir(root):
         raise FileNotFoundError(f"data directory '{root}' does not exist; pass --data synthetic or {layout_hint}")
 

@@ -288,3 +288,73 @@ def test_ant_uw_batch_not_divisible_by_k_is_an_error_at_start(tmp_path, capsys):
     assert e.value.code == 2 and "not divisible by --ant-k 3" in capsys.readouterr().err
     assert not os.path.exists(os.path.join(tmp_path, "000-dtr-DiT-Ti-4-dtr-beta0.8-alpha4-ant-uw-cosine",
                                            "checkpoints", "0000002.pt"))
+
+
+#################################################################################
+#                    Reliability: one-line errors, no silent mix-ups            #
+#################################################################################
+
+def _write_images(folder, n):
+    from PIL import Image
+    folder.mkdir(parents=True)
+    for i in range(n):
+        Image.new("RGB", (16, 16), (i * 9 % 256, 40, 90)).save(folder / f"{i}.png")
+
+
+@pytest.mark.parametrize("case", ["image-size", "not-images", "too-small", "data-is-a-file"])
+def test_bad_inputs_are_one_line_errors(tmp_path, case, capsys):
+    extra = {"image-size": ["--image-size", "33"], "data-is-a-file": ["--data", str(tmp_path / "a.txt")],
+             "not-images": ["--data", str(tmp_path / "texts")], "too-small": ["--data", str(tmp_path / "few")]}[case]
+    (tmp_path / "a.txt").write_text("not a folder")
+    (tmp_path / "texts" / "c").mkdir(parents=True)
+    (tmp_path / "texts" / "c" / "readme.txt").write_text("hello")
+    _write_images(tmp_path / "few" / "c", 3)  # 3 images < one global batch of 4
+    with pytest.raises(SystemExit) as e:
+        dtr.main(_run_args(tmp_path / "r", 2, extra))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error: ") and len(err.splitlines()) == 1, err
+    assert {"image-size": "divisible by its patch size", "data-is-a-file": "is a file, not a folder",
+            "not-images": "no images", "too-small": "fewer than one global batch"}[case] in err
+
+
+def test_a_failed_start_leaves_no_run_folder(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "dtr.py"), *_run_args(tmp_path, 2),
+                           "--loss-weight", "ant-uw", "--ant-k", "3"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "not divisible by --ant-k 3" in proc.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_checkpoint_of_the_other_script_is_refused(tmp_path, capsys):
+    import ant_clustering as ant
+    dtr_ckpt = latest_checkpoint(dtr.main(_run_args(tmp_path / "d", 1)))
+    with pytest.raises(SystemExit) as e:
+        ant.main(["--sample-only", "--ckpt", dtr_ckpt, "--num-samples", "2", "--num-sampling-steps", "2"])
+    assert e.value.code == 2 and "trained by dtr.py, not ant_clustering.py" in capsys.readouterr().err
+    ant_ckpt = latest_checkpoint(ant.main(_run_args(tmp_path / "a", 1, ["--k", "2", "--clustering", "timestep"])))
+    with pytest.raises(SystemExit) as e:
+        dtr.main(["--sample-only", "--ckpt", ant_ckpt, "--num-samples", "2", "--num-sampling-steps", "2"])
+    assert e.value.code == 2 and "trained by ant_clustering.py, not dtr.py" in capsys.readouterr().err
+    assert not any(n.startswith("samples-") for n in os.listdir(os.path.dirname(os.path.dirname(dtr_ckpt))))
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_stops_both_ranks_within_a_step(tmp_path):
+    """Under torchrun the ranks agree on a stop after every step (a slow step must not outlast torchrun's grace):
+    the checkpoint is written at most two steps after the signal, not at the next multiple of 10."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "dtr.py"), *_run_args(tmp_path, 100_000, ["--model", "DiT-S/4", "--image-size", "32",
+                                                                        "--global-batch-size", "8"])]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tmp_path / "000-dtr-DiT-S-4-dtr-beta0.8-alpha4-none-cosine" / "log.txt"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (log.exists() and "step 0000002" in log.read_text()):
+        time.sleep(0.1)
+    signalled_after = max(int(line.split("step ")[1][:7]) for line in log.read_text().splitlines()
+                          if line.split("] ", 1)[-1].startswith("step "))
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    stopped = _final_weights(str(log.parent))["step"]
+    assert signalled_after <= stopped <= signalled_after + 2, (signalled_after, stopped)
+    assert "stop signal received" in log.read_text()

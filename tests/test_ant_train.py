@@ -234,6 +234,20 @@ def test_every_mtl_method_trains_and_logs_cluster_columns(tmp_path, method):
     ckpt = torch.load(latest_checkpoint(run_dir), map_location="cpu", weights_only=False)
     assert ckpt["clusters"]["intervals"].tolist() == [[0, 499], [500, 999]]
     assert ("uw" in ckpt) == (method == "uw") and ("nash" in ckpt) == (method == "nash")
+    # the logged weights are the method's own, read back from its state where it has one
+    weights = [[float(row[f"weight_c{i}"]) for i in range(2)] for row in rows] if method != "none" else None
+    if method in ("ls", "pcgrad"):
+        assert weights == [[1.0, 1.0]] * 2
+    elif method == "rlw":  # a fresh softmax draw every step
+        assert all(sum(w) == pytest.approx(1.0) for w in weights) and weights[0] != weights[1]
+    elif method == "uw":  # a row logs the weights exp(-s) its step used: s = 0 first, then after one AdamW step
+        assert weights[0] == [1.0, 1.0]
+        # Adam's first two steps move each s_i by the uw lr (0.025) in its gradient's direction
+        np.testing.assert_allclose(np.log(weights[1]), 0.5 * (-ckpt["uw"]["log_vars"]).numpy(), rtol=1e-3)
+        np.testing.assert_allclose(np.abs(np.log(weights[1])), 0.025, rtol=1e-3)
+    elif method == "nash":
+        np.testing.assert_allclose(weights[-1], ckpt["nash"]["alpha"].tolist(), rtol=1e-5)
+        assert weights[0] == weights[1]  # solved at step 0, reused until step 25
 
 
 def test_gradient_clustering_measures_affinity_on_the_synthetic_set(tmp_path):
@@ -255,6 +269,17 @@ def test_gradient_clustering_measures_affinity_on_the_synthetic_set(tmp_path):
     measured = ant.main(["--task-affinity", ckpt, ckpt, "--affinity-timesteps", "3", "--affinity-images", "4",
                          "--proj-dim", "0", "--k", "2"])
     assert measured.shape == (1000, 1000)
+    # = the exact affinity of the checkpoint's training weights (not its EMA) on the first 4 images, by hand
+    from common.builders import create_dataset, create_model, fixed_batch
+    from common.diffusion import create_diffusion
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    model = create_model("DiT-Ti/4", 16, 3, 4)
+    model.load_state_dict(state["model"])
+    x, y = fixed_batch(create_dataset("synthetic", 16)[0], 4, "cpu", False)
+    ts = [0, 500, 999]
+    direct = ant.diffusion_affinity(model, create_diffusion("", "cosine"), x, y, ts, proj_dim=None)
+    np.testing.assert_allclose(measured[np.ix_(ts, ts)], direct, atol=1e-6)
+    assert abs(direct[0, 2]) < 0.999  # distinct timesteps: not trivially 1
 
 
 @pytest.mark.parametrize("method", ["nash", "uw"])
@@ -296,6 +321,26 @@ def test_ntg_command_writes_both_sample_sets(tmp_path):
                       "--num-samples", "3", "--num-sampling-steps", "2", "--sample-batch-size", "3"])
     first, switched = (np.load(p)["arr_0"] for p in paths)
     assert first.shape == switched.shape == (3, 16, 16, 3) and not np.array_equal(first, switched)
+    # the same noise and labels through a generalist / specialist switch built by hand (Eq. 3's sampler)
+    from common.builders import create_model, sample_images, to_uint8
+    models = []
+    for path in (generalist, specialist):
+        m = create_model("DiT-Ti/4", 16, 3, 4)
+        m.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["ema"])
+        models.append(m.eval())
+
+    class HandSwitch(torch.nn.Module):
+        null_class = 4
+
+        def forward(self, x, t, y):
+            inside = ((t >= 0) & (t <= 499)).view(-1, 1, 1, 1)
+            return torch.where(inside, models[1](x, t, y), models[0](x, t, y))
+    for model, got in ((models[0], first), (HandSwitch(), switched)):
+        gen = torch.Generator().manual_seed(0)
+        labels = torch.randint(0, 4, (3,), generator=gen)
+        images = sample_images(model, labels, (3, 16, 16), num_steps=2, cfg_scale=1.5, cfg_channels=3,
+                               noise_schedule="cosine", latent=False, generator=gen)
+        np.testing.assert_array_equal(got, to_uint8(images).numpy())
 
 
 def test_batch_not_divisible_by_k_is_one_line_error(tmp_path, capsys):

@@ -193,12 +193,33 @@ def test_torchrun_two_processes_gloo(tmp_path, run_script):
 def test_sample_only_writes_adm_npz(tmp_path):
     import numpy as np
     run_dir = dtr.main(_run_args(tmp_path, 2))
+    ckpt = torch.load(latest_checkpoint(run_dir), map_location="cpu", weights_only=False)
+    torch.manual_seed(1)  # EMA weights of a model past adaLN-Zero's identity start, so the routing shows
+    ckpt["ema"] = {k: torch.randn_like(v) * 0.05 if k != "pos_embed" else v for k, v in ckpt["ema"].items()}
+    torch.save(ckpt, latest_checkpoint(run_dir))
     path = dtr.main(["--sample-only", "--ckpt", latest_checkpoint(run_dir), "--num-samples", "5",
                      "--sample-batch-size", "3", "--num-sampling-steps", "3", "--sampler", "ddim"])
     arr = np.load(path)["arr_0"]
     assert arr.shape == (5, 16, 16, 3) and arr.dtype == np.uint8
     assert os.path.exists(os.path.join(os.path.dirname(path), "samples.png"))
     assert os.path.exists(dtr.main(["--cka", "--ckpt", latest_checkpoint(run_dir)]))
+    # = the EMA weights with the DTR routing rebuilt, sampled by hand with the same draws (and not without routing)
+    from common.builders import sample_images, to_uint8
+    ema = _final_weights(run_dir)["ema"]
+    expected = []
+    for routing in ("dtr", "none"):
+        model = dtr.add_task_routing(create_model("DiT-Ti/4", 16, 3, 4), routing)
+        model.load_state_dict(ema)
+        gen = torch.Generator().manual_seed(0)
+        chunks = []
+        for n in (3, 2):  # --sample-batch-size 3
+            labels = torch.randint(0, 4, (n,), generator=gen)
+            chunks.append(to_uint8(sample_images(model.eval(), labels, (3, 16, 16), sampler="ddim", num_steps=3,
+                                                 cfg_scale=1.5, noise_schedule="cosine", latent=False,
+                                                 generator=gen)))
+        expected.append(torch.cat(chunks).numpy())
+    np.testing.assert_array_equal(arr, expected[0])
+    assert not np.array_equal(arr, expected[1])
 
 
 def test_linear_cka_properties():
@@ -207,6 +228,35 @@ def test_linear_cka_properties():
     assert dtr.linear_cka(X, X).item() == pytest.approx(1.0)
     assert dtr.linear_cka(X, 3.0 * X @ Q + 5.0).item() == pytest.approx(1.0)  # orthogonal + scale + shift invariant
     assert dtr.linear_cka(X, torch.randn(64, 10, dtype=torch.float64)).item() < 0.4
+
+
+def test_timestep_cka_equals_block_output_cka_by_hand():
+    """CKA[b, i, j] = linear CKA (d x d form, Kornblith et al. Eq. 4) of block b's outputs at t_i and t_j."""
+    model, d = _tiny_dit(), create_diffusion("", "linear", learn_sigma=True)
+    x0, y, ts = torch.randn(6, 3, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2]), [0, 300, 999]
+    torch.manual_seed(7)
+    cka = dtr.timestep_cka(model, d, x0, y, ts)
+    torch.manual_seed(7)
+    noise = torch.randn_like(x0)
+    feats = []  # feats[i][b]: (n, tokens * width) output of block b at t_i
+    for t in ts:
+        outs = []
+        hooks = [blk.register_forward_hook(lambda m, i, o: outs.append(o.flatten(1).double())) for blk in model.blocks]
+        tt = torch.full((6,), t)
+        with torch.no_grad():
+            model(d.q_sample(x0, tt, noise), tt, y)
+        for h in hooks:
+            h.remove()
+        feats.append(outs)
+
+    def cka_d_by_d(X, Y):
+        X, Y = X - X.mean(0), Y - Y.mean(0)
+        return (Y.T @ X).norm() ** 2 / ((X.T @ X).norm() * (Y.T @ Y).norm())
+    for b in range(len(model.blocks)):
+        for i in range(3):
+            for j in range(3):
+                assert cka[b, i, j].item() == pytest.approx(cka_d_by_d(feats[i][b], feats[j][b]).item(), abs=1e-5)
+    assert cka[:, 0, 2].max() < 0.999  # distinct timesteps really differ
 
 
 def test_timestep_cka_shape_and_diagonal(tmp_path):

@@ -185,12 +185,14 @@ def test_one_line_errors(tmp_path, small_vae, capsys):
 def test_extract_train_sample_decode_end_to_end(tmp_path, run_script):
     """64 px synthetic set -> 2-process extraction (8x8x4 latents) -> DiT-S/2 --latent -> --sample-only with --vae."""
     vae_path = tmp_path / "diffusion_pytorch_model.safetensors"
-    write_random_vae(vae_path, (32, 32, 32, 32))  # 4 levels: downsampling 8, as the SD VAE
+    vae = write_random_vae(vae_path, (32, 32, 32, 32))  # 4 levels: downsampling 8, as the SD VAE
+    (tmp_path / "config.json").write_text('{"scaling_factor": 0.13025}')  # an SDXL-style config beside it
     latents = tmp_path / "latents"
     run_script(["data/extract_latents.py", "--data", "synthetic", "--num-samples", "24", "--image-size", "64",
                 "--out", latents, "--vae", vae_path, "--shard-size", "5", "--batch-size", "5"], nproc=2)
     ds = LatentDataset(str(latents))
     assert len(ds) == 24 and ds.latent_shape == (4, 8, 8) and len(ds.shards) == 5
+    assert ds.scale_factor == 0.13025  # read from the VAE's config.json into the manifest
 
     results = tmp_path / "results"
     run_script(["dtr.py", "--model", "DiT-S/2", "--latent", "--data", latents, "--vae", vae_path, "--steps", "2",
@@ -209,3 +211,35 @@ def test_extract_train_sample_decode_end_to_end(tmp_path, run_script):
     assert images.dtype == np.uint8 and images.shape == (6, 64, 64, 3)
     assert images.std() > 0  # decoded pixels, not a constant
     assert (sample_dir / "samples.png").is_file()
+    # the checkpoint trained at the manifest's scale, and sampling decodes at it: redo the draws by hand
+    import dtr
+    from common.builders import create_model, sample_images, to_uint8
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert state["args"]["vae_scale"] == 0.13025
+    model = dtr.add_task_routing(create_model("DiT-S/2", 8, 4, 4), "dtr")
+    model.load_state_dict(state["ema"])
+    vae.scaling_factor = 0.13025
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (6,), generator=gen)
+    by_hand = to_uint8(sample_images(model.eval(), labels, (4, 8, 8), num_steps=2, cfg_scale=1.5,
+                                     noise_schedule="cosine", vae=vae, generator=gen)).numpy()
+    # equal up to float summation order (the run used one thread per process): a rare pixel may round the other way
+    diff = np.abs(images.astype(int) - by_hand.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+
+
+def test_training_batches_use_the_latent_scale_of_the_run(tmp_path, small_vae):
+    """The manifest's (or --vae-scale's) factor multiplies the stored posterior draws (was always 0.18215)."""
+    import argparse
+    from common.builders import training_batch
+    from common.train_utils import infinite_loader
+    _, vae_path = small_vae
+    extract(tmp_path / "lat", vae_path)
+    ds = LatentDataset(str(tmp_path / "lat"))
+    batches = []
+    for scale in (0.5, 0.13025):
+        args = argparse.Namespace(seed=0, latent=True, vae_scale=scale, unconditional=False)
+        x, _ = training_batch(infinite_loader(ds, 4, 0, 1, 0, 0), torch.nn.Identity(), args, 0, 0, "cpu")
+        batches.append(x / scale)
+    torch.testing.assert_close(batches[0], batches[1])
+    assert batches[0].abs().max() > 0

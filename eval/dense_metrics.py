@@ -41,11 +41,26 @@ def _check_same_shape(pred, gt, what):
 #################################################################################
 
 class SegMeter:
-    """Confusion-matrix mIoU: mean over present classes of TP / (TP + FP + FN), in percent."""
+    """Confusion-matrix mIoU in percent, pixels pooled over the dataset, as TaskDiffusion's evaluator.
 
-    def __init__(self, num_classes, ignore_index=255):
+    `average="all"` (default, evaluation/eval_semseg.py and eval_human_parts.py): mean over all C classes of
+    TP / max(TP + FP + FN, 1e-8), so a class absent from both prediction and ground truth scores 0.
+    `average="present"`: mean over the classes that occur in prediction or ground truth only (ours before;
+    higher on subsets that miss classes, equal on a full val set where every class occurs).
+    Ignored pixels (gt == ignore_index) are dropped whatever the prediction; a prediction outside [0, C) on a
+    valid pixel is a false negative of its GT class and no class's false positive, as upstream's per-class
+    `pred == c` tests give. Deliberate difference: a GT label outside [0, C) that is not ignore_index raises
+    (upstream silently counts it as a false positive of the predicted class), since it means a wrong C.
+    """
+
+    AVERAGES = ("all", "present")
+
+    def __init__(self, num_classes, ignore_index=255, average="all"):
+        if average not in self.AVERAGES:
+            raise ValueError(f"SegMeter: average={average!r}; use one of {self.AVERAGES}")
         self.num_classes = num_classes
         self.ignore_index = ignore_index
+        self.average = average
         # Column `num_classes` collects predictions outside [0, C) (they still count as false negatives).
         self.confusion = np.zeros((num_classes, num_classes + 1), dtype=np.int64)
 
@@ -76,15 +91,15 @@ class SegMeter:
         return np.where(union > 0, tp / np.maximum(union, 1), np.nan)
 
     def result(self):
-        # Upstream averages over all C classes (an absent class scores 0); over a full val set every class is
-        # present so both agree, and on a single image only present classes make sense.
         iou = self.per_class_iou()
+        if self.average == "all":  # eval_semseg.py get_score: np.mean over every class, absent ones as 0
+            return float(np.nan_to_num(iou, nan=0.0).mean() * 100)
         return float(np.nanmean(iou) * 100) if np.isfinite(iou).any() else float("nan")
 
 
-def miou(pred, gt, num_classes, ignore_index=255):
-    """mIoU in percent of one image or batch (pixels pooled)."""
-    meter = SegMeter(num_classes, ignore_index)
+def miou(pred, gt, num_classes, ignore_index=255, average="all"):
+    """mIoU in percent of one image or batch (pixels pooled); `average` as in SegMeter."""
+    meter = SegMeter(num_classes, ignore_index, average)
     meter.update(pred, gt)
     return meter.result()
 

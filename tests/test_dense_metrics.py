@@ -19,8 +19,26 @@ def test_miou_two_class_toy_by_hand():
     pred = np.array([[0, 1, 1, 1]])
     # class 0: TP 1, FN 1 -> 1/2; class 1: TP 2, FP 1 -> 2/3
     assert miou(pred, gt, num_classes=2) == pytest.approx((1 / 2 + 2 / 3) / 2 * 100)
-    # classes absent from both maps do not enter the mean
-    assert miou(pred, gt, num_classes=5) == pytest.approx((1 / 2 + 2 / 3) / 2 * 100)
+
+
+def test_miou_averages_over_all_classes_like_upstream_or_over_present_ones():
+    # Hand-made confusion over 4 classes where class 3 never occurs and class 2 is only predicted.
+    gt = np.array([[0, 0, 0, 1, 1, 1]])
+    pred = np.array([[0, 0, 1, 1, 1, 2]])
+    # class 0: TP 2, FN 1 -> 2/3; class 1: TP 2, FP 1, FN 1 -> 1/2; class 2: FP 1 -> 0; class 3: absent
+    assert miou(pred, gt, 4) == pytest.approx((2 / 3 + 1 / 2 + 0 + 0) / 4 * 100)  # eval_semseg.py: all C
+    assert miou(pred, gt, 4, average="present") == pytest.approx((2 / 3 + 1 / 2 + 0) / 3 * 100)
+    meter = SegMeter(4)
+    assert meter.result() == 0.0  # nothing seen: every class 0 / max(0, 1e-8), as upstream
+    with pytest.raises(ValueError, match="average"):
+        SegMeter(4, average="mean")
+
+
+def test_miou_prediction_outside_class_range_is_a_false_negative_only():
+    gt = np.array([[0, 0, 1, 1]])
+    pred = np.array([[0, 9, 1, -1]])  # 9 and -1 are no class: upstream's `pred == c` is false for every c
+    # class 0: TP 1, FN 1 -> 1/2; class 1: TP 1, FN 1 -> 1/2 (no false positive anywhere)
+    assert miou(pred, gt, 2) == pytest.approx(50.0)
 
 
 def test_miou_ignores_255_and_perfect_is_100():

@@ -301,6 +301,51 @@ def _conv_tri(image, radius):
     return ndimage.convolve1d(out, kernel, axis=1, mode="reflect")
 
 
+def _conv_tri_running_sums(image, radius):
+    """convTri(I, r) for integer r >= 1 in float32 with the running sums of Dollar's convConst.cpp (convTri /
+    convTriY), operation for operation, so that O = f(convTri(E, 4)) rounds as in SEISM; a direct convolution
+    differs by ~1e-7, enough to flip sign(-Oxy) (and O) at a fraction of a per mille of the pixels."""
+    image = np.asarray(image, dtype=np.float32)
+    height, width = image.shape
+    if min(height, width) < 4 or 2 * radius + 1 >= min(height, width):  # convTri.m falls back to convn
+        return _conv_tri(image.astype(np.float64), radius).astype(np.float32)
+    r = radius + 1
+    nrm = np.float32(1.0) / np.float32(r * r * r * r)
+    two, minus_two = np.float32(2), np.float32(-2)
+    rows_x = np.empty_like(image)  # the horizontal pass, column by column (vectors over the rows)
+    t = image[:, 0].copy()
+    u = t.copy()
+    for i in range(1, r):
+        t = t + image[:, i]
+        u = u + t
+    u = nrm * (two * u - t)
+    t = np.zeros(height, np.float32)
+    rows_x[:, 0] = u
+    for i in range(1, width):
+        left = image[:, i - 1 - r] if i > r else image[:, r - i]
+        right = image[:, i - 1 + r] if i <= width - r else image[:, 2 * width - r - i]
+        t = t + ((left + right) + minus_two * image[:, i - 1])
+        u = u + nrm * t
+        rows_x[:, i] = u
+    out = np.empty_like(image)  # convTriY on every column at once (vectors over the columns)
+    src = rows_x
+    t = src[0].copy()
+    u = t.copy()
+    for j in range(1, r):
+        t = t + src[j]
+        u = u + t
+    u = two * u - t
+    t = np.zeros(width, np.float32)
+    out[0] = u
+    for j in range(1, height):
+        a = src[r - j] if j < r + 1 else src[j - r - 1]
+        b = src[r - 1 + j] if j < height - r + 1 else src[2 * height - r - j]
+        t = t + ((a + b) - two * src[j - 1])
+        u = u + t
+        out[j] = u
+    return out
+
+
 def edge_orientation(edge):
     """Edge normal angle in [0, pi) (x = column axis, y = row axis) as SEISM's read_one_cont_png.m.
 
@@ -309,7 +354,7 @@ def edge_orientation(edge):
     only for axis-aligned and 45-degree ridges: with Oxy == 0 (a ridge constant along x) O is 0, so a
     perfectly horizontal edge is compared along itself and not thinned by NMS (thinning does it later).
     """
-    smooth = _conv_tri(np.asarray(edge, dtype=np.float64), 4).astype(np.float32)
+    smooth = _conv_tri_running_sums(edge, 4)
     # np.gradient = MATLAB gradient / gradient2: central differences inside, one-sided at the border.
     o_x, o_y = np.gradient(smooth, axis=1), np.gradient(smooth, axis=0)
     o_xx, o_xy, o_yy = np.gradient(o_x, axis=1), np.gradient(o_y, axis=1), np.gradient(o_y, axis=0)

@@ -1,5 +1,6 @@
 """Dense metrics on hand-made predictions with answers computed by hand or by brute force."""
 import math
+import os
 import re
 
 import numpy as np
@@ -353,6 +354,45 @@ def test_edge_meter_workers_give_the_serial_counts():
     pooled.close()
     assert np.array_equal(pooled.matched_pred, serial.matched_pred) and pooled.total_gt == serial.total_gt
     assert np.array_equal(pooled.total_pred, serial.total_pred) and pooled.result() == serial.result()
+
+
+# tests/fixtures/odsf_seism_reference.npz was made by running SEISM's own MATLAB code under GNU Octave 7.3
+# (read_one_cont_png.m, edgesEvalImg.m, eval_cont.m, seg2bmap.m and the edgesNmsMex / convConst mex files of
+# prismformore/Boundary-Detection-Evaluation-Tools, BSDS correspondPixels built from match.cc / csa.cc,
+# bwmorph of Octave's image package) on two synthetic 120x160 label maps with 8-bit edge maps at maxDist 0.0075.
+_SEISM = os.path.join(os.path.dirname(__file__), "fixtures", "odsf_seism_reference.npz")
+
+
+def test_thin_equals_bwmorph_on_the_reference_masks():
+    ref = np.load(_SEISM)
+    for mask, expected in zip(ref["thin_in"], ref["bwmorph_thin"]):
+        assert np.array_equal(thin(mask), expected)
+
+
+def test_edge_nms_equals_seism_edgesNmsMex():
+    ref = np.load(_SEISM)
+    for pred, expected in [(ref["pred0"], ref["seism_nms0"]), (ref["pred1"], ref["seism_nms1"]),
+                           (ref["hline"], ref["seism_nms_hline"])]:
+        nms = edge_nms(pred.astype(np.float32) / np.float32(255))  # im2single of the PNG
+        assert np.array_equal(nms > 0, expected > 0)
+        assert np.abs(nms - expected).max() <= 1e-7
+
+
+def test_edge_meter_reproduces_seism_counts():
+    ref = np.load(_SEISM)
+    counts = ref["seism_counts"]  # (image, threshold, [cntR sumR cntP sumP]) from eval_cont.m
+    for i in range(2):
+        meter = EdgeMeter(gt_format="segmentation")
+        meter.update(ref[f"pred{i}"] / 255.0, ref[f"seg{i}"], valid=np.ones(ref[f"seg{i}"].shape, bool))
+        assert np.array_equal(meter.total_pred, counts[i, :, 3])  # sumP: NMS, '>' threshold, thinning
+        assert meter.total_gt == counts[i, 0, 1]  # sumR: thin(seg2bmap(LabelMap))
+        # cntP = cntR: BSDS's random sparse outlier graph can only lose matches against the maximum matching
+        extra = meter.matched_pred - counts[i, :, 2]
+        assert extra.min() >= 0 and extra.max() <= 0.005 * counts[i, :, 3].max()
+        seism = counts[i].astype(float)
+        recall, precision = seism[:, 0] / seism[:, 1], seism[:, 2] / np.maximum(seism[:, 3], 1)
+        seism_f = np.max(np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0))
+        assert abs(meter.result() - 100 * seism_f) < 0.1
 
 
 #################################################################################

@@ -590,6 +590,11 @@ class EdgeMeter:
     than the maximum matching and vary between runs; (b) convTri / atan / cos in float32 may round
     differently from Dollar's SSE code, which can flip sign(-Oxy) where Oxy is ~1e-7 and so change O;
     (c) the image is the GT's valid box, where the authors crop the centre of the padded prediction.
+    Checked against SEISM's own MATLAB code run in GNU Octave (tests/fixtures/odsf_seism_reference.npz):
+    NMS, thinning, sumP and sumR identical; cntP up to 6 per image-threshold above BSDS's (item a); odsF
+    +0.04 (maxDist 0.0075) and +0.03 (0.011) points on 25 synthetic label maps.
+    GT matters: PASCAL-Context's SEISM GT is thin(seg2bmap(LabelMap)); the dataset's thin(|Laplacian|) edge
+    maps sit up to a pixel elsewhere, so pass the label map with gt_format="segmentation" for paper numbers.
     `num_thresholds=K` replaces the list by BSDS's linspace(1/(K+1), K/(K+1), K).
     `workers=N` scores images in N spawned processes (results independent of N).
     """

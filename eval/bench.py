@@ -7,7 +7,9 @@ Sections (--only picks some): dtr (DiT fwd+bwd+AdamW step time and peak memory, 
 achieved TFLOP/s and MFU of that step), ant (step time of ANT-UW / PCGrad / Nash-MTL over k = 5 clusters vs vanilla),
 dp (interval clustering at T = 1000, k = 8), sampler (DDPM steps/s), taskdiffusion (inference time per image for
 1-10 DDIM steps vs the no-diffusion baseline; ViT-L at 512 px, --quick: tiny ViT at 64 px), fidmem (host memory
-of `python -m eval.fid` reading a synthetic 50K x 256x256x3 .npz with a stand-in feature model; --quick: 2000 x 64^2).
+of `python -m eval.fid` reading a synthetic 50K x 256x256x3 .npz with a stand-in feature model; --quick: 2000 x 64^2),
+odsf (SEISM-procedure boundary odsF, CPU seconds per 512x512 image on one core and the implied PASCAL-Context val
+time; --quick: 256 px).
 Timings are medians over interleaved repeats (A, B, A, B, ...), so slow drift of the machine hits both sides alike.
 """
 import argparse
@@ -360,8 +362,43 @@ def bench_fidmem(args, device, results):
         results["fidmem_rss_gb"] = rss / 1e9
 
 
+def synthetic_edge_pair(rng, size):
+    """A warped-Voronoi label map and a network-like 8-bit edge probability for it (blurred, shifted, noisy)."""
+    from scipy import ndimage
+    from eval.dense_metrics import seg2bmap
+    seeds = rng.uniform(0, size, size=(12, 2))
+    rows, cols = np.mgrid[0:size, 0:size].astype(np.float64)
+    warp = [ndimage.gaussian_filter(rng.normal(size=(size, size)), 12) * 400 for _ in range(2)]
+    dist = (rows[..., None] + warp[0][..., None] - seeds[:, 0]) ** 2 + (cols[..., None] + warp[1][..., None] - seeds[:, 1]) ** 2
+    labels = dist.argmin(-1)
+    response = ndimage.gaussian_filter(np.roll(seg2bmap(labels), 1, axis=0).astype(np.float64), 1.5) * 3
+    prob = 1 / (1 + np.exp(-(8 * response - 3))) + rng.normal(scale=0.01, size=(size, size))
+    return np.clip(prob, 0, 1), labels
+
+
+def bench_odsf(args, device, results):
+    """EdgeMeter (SEISM procedure, 101 thresholds, maxDist 0.0075) per image on one core; CPU only by design."""
+    import os
+    from eval.dense_metrics import EdgeMeter
+    size, count = (256, 2) if args.quick else (512, 6)
+    rng = np.random.default_rng(0)
+    pairs = [synthetic_edge_pair(rng, size) for _ in range(count)]
+    seconds = []
+    for prob, labels in pairs:
+        meter = EdgeMeter(gt_format="segmentation")
+        start = time.perf_counter()
+        meter.update(prob, labels, valid=np.ones(labels.shape, bool))
+        seconds.append(time.perf_counter() - start)
+    per_image = statistics.median(seconds)
+    cores = os.cpu_count() or 1
+    print(f"[odsf] {size}x{size}, 101 thresholds, one core: {per_image:.2f} s/image (median of {count}); "
+          f"PASCAL-Context val (5105 images) ~ {5105 * per_image / 60:.0f} core-minutes, "
+          f"~ {5105 * per_image / 60 / cores:.1f} min with EdgeMeter(workers={cores})")
+    results["odsf_seconds_per_image"] = per_image
+
+
 SECTIONS = {"dtr": bench_dtr, "mfu": bench_mfu, "ant": bench_ant, "dp": bench_dp, "sampler": bench_sampler,
-            "taskdiffusion": bench_taskdiffusion, "fidmem": bench_fidmem}
+            "taskdiffusion": bench_taskdiffusion, "fidmem": bench_fidmem, "odsf": bench_odsf}
 
 
 #################################################################################

@@ -9,13 +9,14 @@ Units, as the papers report them:
 Every metric is accumulated over a dataset by a small meter (`update(pred, gt)` per batch, `result()` at the
 end); the function forms (`miou`, `max_f`, ...) are one-image/one-batch wrappers. Torch tensors are accepted
 anywhere and converted to numpy. Definitions follow prismformore/Multi-Task-Transformer `evaluation/eval_*.py`
-(also used by YuqiYang213/TaskDiffusion); the boundary metric is a documented pure-Python approximation of the
-MATLAB SEISM evaluation the papers use (see `EdgeMeter`).
+(also used by YuqiYang213/TaskDiffusion); the boundary odsF follows the MATLAB SEISM evaluation the papers use,
+step by step (see `EdgeMeter` for the procedure and the few remaining differences).
 """
 import math
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, sparse
+from scipy.sparse import csgraph
 
 
 def _to_numpy(x):
@@ -41,11 +42,26 @@ def _check_same_shape(pred, gt, what):
 #################################################################################
 
 class SegMeter:
-    """Confusion-matrix mIoU: mean over present classes of TP / (TP + FP + FN), in percent."""
+    """Confusion-matrix mIoU in percent, pixels pooled over the dataset, as TaskDiffusion's evaluator.
 
-    def __init__(self, num_classes, ignore_index=255):
+    `average="all"` (default, evaluation/eval_semseg.py and eval_human_parts.py): mean over all C classes of
+    TP / max(TP + FP + FN, 1e-8), so a class absent from both prediction and ground truth scores 0.
+    `average="present"`: mean over the classes that occur in prediction or ground truth only (ours before;
+    higher on subsets that miss classes, equal on a full val set where every class occurs).
+    Ignored pixels (gt == ignore_index) are dropped whatever the prediction; a prediction outside [0, C) on a
+    valid pixel is a false negative of its GT class and no class's false positive, as upstream's per-class
+    `pred == c` tests give. Deliberate difference: a GT label outside [0, C) that is not ignore_index raises
+    (upstream silently counts it as a false positive of the predicted class), since it means a wrong C.
+    """
+
+    AVERAGES = ("all", "present")
+
+    def __init__(self, num_classes, ignore_index=255, average="all"):
+        if average not in self.AVERAGES:
+            raise ValueError(f"SegMeter: average={average!r}; use one of {self.AVERAGES}")
         self.num_classes = num_classes
         self.ignore_index = ignore_index
+        self.average = average
         # Column `num_classes` collects predictions outside [0, C) (they still count as false negatives).
         self.confusion = np.zeros((num_classes, num_classes + 1), dtype=np.int64)
 
@@ -76,15 +92,15 @@ class SegMeter:
         return np.where(union > 0, tp / np.maximum(union, 1), np.nan)
 
     def result(self):
-        # Upstream averages over all C classes (an absent class scores 0); over a full val set every class is
-        # present so both agree, and on a single image only present classes make sense.
         iou = self.per_class_iou()
+        if self.average == "all":  # eval_semseg.py get_score: np.mean over every class, absent ones as 0
+            return float(np.nan_to_num(iou, nan=0.0).mean() * 100)
         return float(np.nanmean(iou) * 100) if np.isfinite(iou).any() else float("nan")
 
 
-def miou(pred, gt, num_classes, ignore_index=255):
-    """mIoU in percent of one image or batch (pixels pooled)."""
-    meter = SegMeter(num_classes, ignore_index)
+def miou(pred, gt, num_classes, ignore_index=255, average="all"):
+    """mIoU in percent of one image or batch (pixels pooled); `average` as in SegMeter."""
+    meter = SegMeter(num_classes, ignore_index, average)
     meter.update(pred, gt)
     return meter.result()
 
@@ -240,22 +256,51 @@ def _thinning_luts():
 
 
 _THIN_LUTS = _thinning_luts()
-_NEIGHBOUR_WEIGHTS = np.array([[8, 4, 2], [16, 0, 1], [32, 64, 128]], dtype=np.uint8)
+# (row, col) offset of neighbour bit i, in the bit order of _thinning_luts.
+_NEIGHBOUR_OFFSETS = ((0, 1), (-1, 1), (-1, 0), (-1, -1), (0, -1), (1, -1), (1, 0), (1, 1))
 
 
 def thin(mask, max_iter=None):
-    """Morphological thinning of a binary image to 1-pixel-wide, 8-connected curves (Guo & Hall 1989)."""
-    skeleton = np.asarray(mask, dtype=bool).astype(np.uint8)
-    if skeleton.ndim != 2:
-        raise ValueError(f"thin() expects a 2-D binary image, got shape {skeleton.shape}")
+    """Morphological thinning of a binary image to 1-pixel-wide, 8-connected curves (Guo & Hall 1989).
+
+    The algorithm of MATLAB's bwmorph(BW, 'thin', Inf) and skimage.morphology.thin (outside the image = 0).
+    Only contour pixels are examined: a pixel whose 4 neighbours are all foreground has crossing number 0
+    and is never deleted, so each pass costs O(contour) and a filled blob O(area) in all.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim != 2:
+        raise ValueError(f"thin() expects a 2-D binary image, got shape {mask.shape}")
+    padded = np.pad(mask, 1).astype(np.uint8)
+    width = padded.shape[1]
+    flat = padded.ravel()
+    shifts = np.array([dr * width + dc for dr, dc in _NEIGHBOUR_OFFSETS])
+    four = shifts[[0, 2, 4, 6]]
+    fg = np.flatnonzero(flat)
+    candidate = np.zeros(flat.size, dtype=bool)
+    cand = fg[(flat[fg[:, None] + four] == 0).any(1)] if fg.size else fg
+    candidate[cand] = True
     iteration, changed = 0, True
     while changed and (max_iter is None or iteration < max_iter):
-        before = skeleton.sum()
+        changed = False
         for lut in _THIN_LUTS:
-            codes = ndimage.correlate(skeleton, _NEIGHBOUR_WEIGHTS, mode="constant")
-            skeleton[lut[codes] & (skeleton > 0)] = 0
-        changed, iteration = skeleton.sum() != before, iteration + 1
-    return skeleton.astype(bool)
+            # Both subiterations delete in parallel: every code is read before any pixel is removed.
+            codes = np.zeros(cand.size, dtype=np.int64)
+            for bit, shift in enumerate(shifts):
+                codes |= flat[cand + shift].astype(np.int64) << bit
+            delete = lut[codes]
+            if not delete.any():
+                continue
+            gone = cand[delete]
+            flat[gone] = 0
+            candidate[gone] = False
+            # Foreground 4-neighbours of deleted pixels now touch the background: they become candidates.
+            exposed = (gone[:, None] + four).ravel()
+            exposed = exposed[(flat[exposed] > 0) & ~candidate[exposed]]
+            candidate[exposed] = True
+            cand = np.concatenate([cand[~delete], np.unique(exposed)])
+            changed = True
+        iteration += 1
+    return padded[1:-1, 1:-1].astype(bool)
 
 
 def _conv_tri(image, radius):
@@ -264,148 +309,394 @@ def _conv_tri(image, radius):
         return image
     kernel = np.concatenate([np.arange(1, radius + 2), np.arange(radius, 0, -1)]).astype(np.float64)
     kernel /= kernel.sum()
-    out = ndimage.convolve1d(image, kernel, axis=0, mode="reflect")
+    out = ndimage.convolve1d(image, kernel, axis=0, mode="reflect")  # scipy 'reflect' = MATLAB 'symmetric'
     return ndimage.convolve1d(out, kernel, axis=1, mode="reflect")
 
 
-def edge_nms(edge_prob, radius=1, border=5, multiplier=1.01):
-    """Non-maximum suppression of a soft edge map, after the nms_process.m step run before SEISM.
+def _conv_tri_running_sums(image, radius):
+    """convTri(I, r) for integer r >= 1 in float32 with the running sums of Dollar's convConst.cpp (convTri /
+    convTriY), operation for operation, so that O = f(convTri(E, 4)) rounds as in SEISM; a direct convolution
+    differs by ~1e-7, enough to flip sign(-Oxy) (and O) at a fraction of a per mille of the pixels."""
+    image = np.asarray(image, dtype=np.float32)
+    height, width = image.shape
+    if min(height, width) < 4 or 2 * radius + 1 >= min(height, width):  # convTri.m falls back to convn
+        return _conv_tri(image.astype(np.float64), radius).astype(np.float32)
+    r = radius + 1
+    nrm = np.float32(1.0) / np.float32(r * r * r * r)
+    two, minus_two = np.float32(2), np.float32(-2)
+    rows_x = np.empty_like(image)  # the horizontal pass, column by column (vectors over the rows)
+    t = image[:, 0].copy()
+    u = t.copy()
+    for i in range(1, r):
+        t = t + image[:, i]
+        u = u + t
+    u = nrm * (two * u - t)
+    t = np.zeros(height, np.float32)
+    rows_x[:, 0] = u
+    for i in range(1, width):
+        left = image[:, i - 1 - r] if i > r else image[:, r - i]
+        right = image[:, i - 1 + r] if i <= width - r else image[:, 2 * width - r - i]
+        t = t + ((left + right) + minus_two * image[:, i - 1])
+        u = u + nrm * t
+        rows_x[:, i] = u
+    out = np.empty_like(image)  # convTriY on every column at once (vectors over the columns)
+    src = rows_x
+    t = src[0].copy()
+    u = t.copy()
+    for j in range(1, r):
+        t = t + src[j]
+        u = u + t
+    u = two * u - t
+    t = np.zeros(width, np.float32)
+    out[0] = u
+    for j in range(1, height):
+        a = src[r - j] if j < r + 1 else src[j - r - 1]
+        b = src[r - 1 + j] if j < height - r + 1 else src[2 * height - r - j]
+        t = t + ((a + b) - two * src[j - 1])
+        u = u + t
+        out[j] = u
+    return out
 
-    Upstream (MATLAB, Dollar's toolbox): E = convTri(E, 1); O from the Hessian of convTri(E, 4);
-    E = edgesNmsMex(E, O, r=1, s=5, m=1.01). A pixel survives if m * E >= E interpolated at +-d along the
-    edge normal, d = 1..r; pixels within `border` of the image edge are scaled by (distance / border).
-    Deviation: the normal is the Hessian eigenvector of the largest |curvature| instead of
-    mod(atan(Oyy sign(-Oxy) / (Oxx + 1e-5)), pi), which is exact only for axis-aligned and 45-degree edges
-    and picks the wrong axis for horizontal edges when Oxy is exactly 0.
+
+def edge_orientation(edge):
+    """Edge normal angle in [0, pi) (x = column axis, y = row axis) as SEISM's read_one_cont_png.m.
+
+    [Ox, Oy] = gradient2(convTri(E, 4)); Oxx = d/dx Ox; [Oxy, Oyy] = gradient2(Oy);
+    O = mod(atan(Oyy * sign(-Oxy) / (Oxx + 1e-5)), pi), in single precision. Kept verbatim although it is exact
+    only for axis-aligned and 45-degree ridges: with Oxy == 0 (a ridge constant along x) O is 0, so a
+    perfectly horizontal edge is compared along itself and not thinned by NMS (thinning does it later).
     """
-    edge = _conv_tri(np.asarray(edge_prob, dtype=np.float64), 1)
-    smooth = _conv_tri(edge, 4)
-    d_row, d_col = np.gradient(smooth)
-    h_rr, h_rc = np.gradient(d_row)
-    _, h_cc = np.gradient(d_col)
-    # For a ridge along direction phi the Hessian is f''(n) n n^T with n its normal, on the crest (f'' < 0) and
-    # in the tails (f'' > 0) alike: the normal is the eigenvector of the largest |eigenvalue|. The larger
-    # eigenvalue's eigenvector has angle 0.5 atan2(2 Hxy, Hxx - Hyy), the smaller one is perpendicular.
-    half_trace, half_gap = (h_cc + h_rr) / 2, np.hypot((h_cc - h_rr) / 2, h_rc)
-    larger_wins = np.abs(half_trace + half_gap) >= np.abs(half_trace - half_gap)
-    normal = 0.5 * np.arctan2(2 * h_rc, h_cc - h_rr) + np.where(larger_wins, 0.0, np.pi / 2)
-    cos_n, sin_n = np.cos(normal), np.sin(normal)
-    rows, cols = np.indices(edge.shape, dtype=np.float64)
-    keep = np.ones(edge.shape, dtype=bool)
+    smooth = _conv_tri_running_sums(edge, 4)
+    # np.gradient = MATLAB gradient / gradient2: central differences inside, one-sided at the border.
+    o_x, o_y = np.gradient(smooth, axis=1), np.gradient(smooth, axis=0)
+    o_xx, o_xy, o_yy = np.gradient(o_x, axis=1), np.gradient(o_y, axis=1), np.gradient(o_y, axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        angle = np.mod(np.arctan(o_yy * np.sign(-o_xy) / (o_xx + np.float32(1e-5))), np.float32(np.pi))
+    # 0/0 only when Oxx == -1e-5 exactly; MATLAB would then read memory at a NaN offset, we pick 0.
+    return np.where(np.isfinite(angle), angle, np.float32(0)).astype(np.float32)
+
+
+def _interp(image, cols, rows):
+    """edgesNmsMex.cpp interp(): bilinear lookup at (x = cols, y = rows), clamped to [0, size - 1.001]."""
+    height, width = image.shape
+    x = np.clip(cols, np.float32(0), np.float32(width - 1.001))
+    y = np.clip(rows, np.float32(0), np.float32(height - 1.001))
+    x0, y0 = x.astype(np.int64), y.astype(np.int64)  # truncation = floor for x, y >= 0
+    dx0, dy0 = x - x0, y - y0
+    dx1, dy1 = np.float32(1) - dx0, np.float32(1) - dy0
+    return (image[y0, x0] * dx1 * dy1 + image[y0, x0 + 1] * dx0 * dy1
+            + image[y0 + 1, x0] * dx1 * dy0 + image[y0 + 1, x0 + 1] * dx0 * dy0)
+
+
+def edge_nms(edge_prob, radius=1, border=5, multiplier=1.01, smooth_radius=0, orientation=None):
+    """Non-maximum suppression of a soft edge map, as SEISM's read_one_cont_png.m + edgesNmsMex.cpp (float32).
+
+    O = `edge_orientation(E)` (or `orientation`); a pixel e > 0 is zeroed if m * e < E interpolated at
+    +-d (d = 1..r) along (cos O, sin O); then the `border` pixels nearest each image side are scaled by
+    (distance to the side) / border, columns first. SEISM does not pre-smooth E; `smooth_radius=1` gives the
+    convTri(E, 1) of HED/SE's nms_process.m instead.
+    """
+    edge = np.asarray(edge_prob, dtype=np.float32)
+    if smooth_radius:
+        edge = _conv_tri(edge.astype(np.float64), smooth_radius).astype(np.float32)
+    angle = edge_orientation(edge) if orientation is None else np.asarray(orientation, dtype=np.float32)
+    out = edge.copy()
+    rows, cols = np.nonzero(edge)
+    e = edge[rows, cols] * np.float32(multiplier)
+    cos_o, sin_o = np.cos(angle[rows, cols]), np.sin(angle[rows, cols])
+    rows_f, cols_f = rows.astype(np.float32), cols.astype(np.float32)
+    suppress = np.zeros(rows.size, dtype=bool)
     for d in range(-radius, radius + 1):
-        if d == 0:
-            continue
-        neighbour = ndimage.map_coordinates(edge, [rows + d * sin_n, cols + d * cos_n], order=1, mode="nearest")
-        keep &= edge * multiplier >= neighbour
-    out = np.where(keep, edge, 0.0)
+        if d:
+            suppress |= e < _interp(edge, cols_f + np.float32(d) * cos_o, rows_f + np.float32(d) * sin_o)
+    out[rows[suppress], cols[suppress]] = 0
     height, width = out.shape
-    s = min(border, height // 2, width // 2)
+    s = min(border, width // 2, height // 2)
     if s > 0:  # edgesNmsMex: suppress noisy estimates near the image boundary with a linear ramp
-        ramp = np.arange(s) / s
-        out[:s] *= ramp[:, None]
-        out[height - s:] *= ramp[::-1, None]
+        ramp = np.arange(s, dtype=np.float32) / np.float32(s)
         out[:, :s] *= ramp[None, :]
         out[:, width - s:] *= ramp[None, ::-1]
+        out[:s] *= ramp[:, None]
+        out[height - s:] *= ramp[::-1, None]
     return out
+
+
+def seg2bmap(seg):
+    """BSDS seg2bmap.m: a pixel is boundary if its E, S or SE neighbour has another label (last row: E only,
+    last column: S only, corner: never), i.e. 1-pixel boundaries offset half a pixel towards the origin."""
+    seg = np.asarray(seg)
+    east, south, south_east = np.zeros_like(seg), np.zeros_like(seg), np.zeros_like(seg)
+    east[:, :-1], south[:-1, :], south_east[:-1, :-1] = seg[:, 1:], seg[1:, :], seg[1:, 1:]
+    bmap = (seg != east) | (seg != south) | (seg != south_east)
+    bmap[-1, :] = seg[-1, :] != east[-1, :]
+    bmap[:, -1] = seg[:, -1] != south[:, -1]
+    bmap[-1, -1] = False
+    return bmap
+
+
+#################################################################################
+#                   One-to-one pixel correspondence (BSDS correspondPixels)      #
+#################################################################################
+
+def _diagonal(shape):
+    """Image diagonal as correspondPixels.cc computes it, sqrt(rows^2 + cols^2) (hypot may differ by an ulp)."""
+    return math.sqrt(shape[0] * shape[0] + shape[1] * shape[1])
+
+
+def _disc_offsets(radius):
+    """(dr, dc) with dr^2 + dc^2 <= radius^2, the match window of BSDS match.cc."""
+    r = int(math.ceil(radius))
+    dr, dc = np.mgrid[-r:r + 1, -r:r + 1]
+    inside = dr ** 2 + dc ** 2 <= radius ** 2
+    return dr[inside], dc[inside]
+
+
+def _candidate_pairs(pred_rc, gt_index, radius):
+    """(pred node, GT node) for every predicted pixel and GT pixel within `radius` (Euclidean, in pixels)."""
+    height, width = gt_index.shape
+    pred_nodes, gt_nodes = [], []
+    for dr, dc in zip(*_disc_offsets(radius)):
+        r, c = pred_rc[:, 0] + dr, pred_rc[:, 1] + dc
+        inside = (r >= 0) & (r < height) & (c >= 0) & (c < width)
+        nodes = np.flatnonzero(inside)
+        hit = gt_index[r[nodes], c[nodes]]
+        pred_nodes.append(nodes[hit >= 0])
+        gt_nodes.append(hit[hit >= 0])
+    return np.concatenate(pred_nodes), np.concatenate(gt_nodes)
+
+
+def _matching_size(pred_nodes, gt_nodes, num_pred, num_gt):
+    """Cardinality of a maximum bipartite matching of the candidate pairs, as a unit-capacity max flow
+    source -> predicted -> GT -> sink solved by Dinic's algorithm (Hopcroft-Karp's O(E sqrt V) bound).
+
+    Not csgraph.maximum_bipartite_matching: on these geometric graphs it took minutes for 3k x 3k nodes
+    (scipy 1.17), where Dinic takes milliseconds.
+    """
+    if pred_nodes.size == 0:
+        return 0
+    source, sink = num_pred + num_gt, num_pred + num_gt + 1
+    rows = np.concatenate([np.full(num_pred, source), pred_nodes, num_pred + np.arange(num_gt)])
+    cols = np.concatenate([np.arange(num_pred), num_pred + gt_nodes, np.full(num_gt, sink)])
+    graph = sparse.csr_matrix((np.ones(rows.size, dtype=np.int32), (rows, cols)), shape=(sink + 1, sink + 1))
+    return int(csgraph.maximum_flow(graph, source, sink, method="dinic").flow_value)
+
+
+def correspond_pixels(pred_edge, gt_edge, max_dist=0.0075):
+    """Number of one-to-one matches between two binary edge maps, as BSDS correspondPixels(E, G, maxDist).
+
+    Radius = max_dist * image diagonal (pixels); a predicted and a GT pixel may match if their Euclidean
+    distance is <= radius. BSDS solves a min-cost assignment where each unmatched pixel costs 100 * radius
+    and a match costs its distance; as any match is cheaper than two outliers (distance <= radius < 200 *
+    radius), its optimum has the maximum number of matches, so the count is that of a maximum-cardinality
+    matching of the candidate graph (see EdgeMeter for the one place BSDS can fall short of it).
+    """
+    pred_edge, gt_edge = np.asarray(pred_edge, bool), np.asarray(gt_edge, bool)
+    _check_same_shape(pred_edge, gt_edge, "correspond_pixels")
+    gt_index = np.full(gt_edge.shape, -1, dtype=np.int64)
+    gt_index[gt_edge] = np.arange(int(gt_edge.sum()))
+    pred_rc = np.argwhere(pred_edge)
+    radius = max_dist * _diagonal(pred_edge.shape)
+    pairs = _candidate_pairs(pred_rc, gt_index, radius)
+    return _matching_size(*pairs, len(pred_rc), int(gt_edge.sum()))
 
 
 #################################################################################
 #                         Boundary detection (odsF)                              #
 #################################################################################
 
+# SEISM parameters/HED.txt, the list the Boundary-Detection-Evaluation-Tools wrapper used by TaskDiffusion
+# (and InvPT / TaskPrompter) evaluates with: 0.001, 0.01, 0.02, ..., 0.99, 0.999 (101 values).
+SEISM_THRESHOLDS = np.array([0.001] + [k / 100 for k in range(1, 100)] + [0.999])
+
+
+def _edge_image_counts(prob, gt, valid, thresholds, max_dist, nms, thin_pred, quantize, gt_format):
+    """(sumR, cntR, sumP[k], cntP[k]) of one image: SEISM read_one_cont_png + edgesEvalImg at every threshold."""
+    rows, cols = np.nonzero(valid)
+    box = slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1)
+    prob, gt, valid = prob[box], gt[box], valid[box]
+    if quantize:  # the authors' PNG: uint8(255 * sigmoid) truncated, read back with im2single
+        # (+1e-6 so that maps that already are k / 255 keep their k despite rounding)
+        prob = np.floor(np.clip(prob.astype(np.float64), 0, 1) * 255 + 1e-6).astype(np.float32) / np.float32(255)
+    edge = np.where(valid, prob, 0).astype(np.float32)
+    if nms:
+        edge = edge_nms(edge)
+    boundary = seg2bmap(gt) if gt_format == "segmentation" else gt > 0.5
+    gt_edge = thin(boundary & valid)  # edgesEvalImg: G = bwmorph(seg2bmap(G), 'thin', Inf)
+    gt_index = np.full(gt_edge.shape, -1, dtype=np.int64)
+    num_gt = int(gt_edge.sum())
+    gt_index[gt_edge] = np.arange(num_gt)
+    radius = max_dist * _diagonal(edge.shape)  # correspondPixels: maxDist * diagonal of the (cropped) image
+    levels = np.float32(thresholds)  # MATLAB compares the single-precision map with single(threshold)
+    count_pred, count_match = np.zeros(len(levels)), np.zeros(len(levels))
+    # Graph once over every pixel that survives the lowest threshold and lies within reach of the GT; each
+    # threshold takes a subset of rows (thinning only removes pixels, so thin(E > t) lies inside E > min(t)).
+    support = edge > levels.min()
+    if num_gt:  # only pixels within the radius of a GT pixel can be matched
+        disc = np.zeros((2 * int(math.ceil(radius)) + 1,) * 2, dtype=bool)
+        dr, dc = _disc_offsets(radius)
+        disc[dr + int(math.ceil(radius)), dc + int(math.ceil(radius))] = True
+        support &= ndimage.binary_dilation(gt_edge, structure=disc)
+    else:
+        support[:] = False
+    pixel_node = np.full(edge.shape, -1, dtype=np.int64)
+    support_rc = np.argwhere(support)
+    pixel_node[support] = np.arange(len(support_rc))
+    pred_nodes, gt_nodes = _candidate_pairs(support_rc, gt_index, radius)
+    previous = None
+    for k in np.argsort(levels)[::-1]:  # decreasing thresholds; an unchanged binary map reuses its counts
+        binary = edge > levels[k]
+        key = int(binary.sum())
+        if previous is not None and previous[0] == key:  # nested sets of equal size are equal
+            count_pred[k], count_match[k] = previous[1], previous[2]
+            continue
+        predicted = thin(binary) if thin_pred else binary
+        chosen = np.zeros(len(support_rc), dtype=bool)
+        nodes = pixel_node[predicted]
+        chosen[nodes[nodes >= 0]] = True
+        keep = chosen[pred_nodes]
+        count_pred[k] = predicted.sum()
+        count_match[k] = _matching_size(pred_nodes[keep], gt_nodes[keep], len(support_rc), num_gt)
+        previous = (key, count_pred[k], count_match[k])
+    return num_gt, count_match, count_pred, count_match
+
+
+def _edge_image_counts_star(job):
+    return _edge_image_counts(*job)
+
+
 class EdgeMeter:
-    """Boundary odsF in percent: best F-measure over thresholds with counts pooled over the dataset.
+    """Boundary odsF in percent as SEISM (jponttuset/seism via prismformore/Boundary-Detection-Evaluation-Tools).
 
-    Per image: crop to the bounding box of non-ignored GT pixels (removes padding), optionally apply `edge_nms`,
-    then for each threshold t a pixel is predicted if its value >= t (thresholds linspace(1/(n+1), n/(n+1), n),
-    0.01..0.99 for the 99 of SEISM/BSDS). Tolerance = max_dist * image diagonal (0.0075 PASCAL, 0.011 NYUD).
-    Precision counts predicted pixels within tolerance of a GT boundary pixel (scipy distance_transform_edt of
-    the GT), recall counts GT pixels within tolerance of a predicted pixel. odsF = max_t 2PR / (P + R).
+    Per image, in SEISM's order (read_one_cont_png.m, eval_cont.m, edgesEvalImg.m, correspondPixels):
+      1. crop to the bounding box of the valid pixels (gt != ignore_index, or `valid`): the authors save
+         predictions cropped to the original image size, so padding never reaches SEISM;
+      2. `quantize`: E = floor(255 p) / 255 in float32 (their uint8 PNG read with im2single);
+      3. `nms`: E = edge_nms(E) (orientation from convTri(E, 4) Hessian, r = 1, border 5, m = 1.01);
+      4. for each threshold t (SEISM_THRESHOLDS: HED.txt, 0.001, 0.01..0.99, 0.999): binary B = E > t, then
+         `thin_pred`: B = thin(B) (edgesEvalImg thins per threshold: bwmorph(E1, 'thin', Inf));
+      5. GT: `gt_format="boundary"` takes gt > 0.5 as the boundary map, `"segmentation"` takes gt as a label
+         map and its seg2bmap (SEISM's PASCAL-Context LabelMap, and NYUD, whose 0/255 edge PNG SEISM also
+         reads as a segmentation); either way thinned: G = thin(.);
+      6. one-to-one matching of B and G within radius = max_dist * diagonal of the cropped image
+         (0.0075 PASCAL, 0.011 NYUD) with correspondPixels' outlier cost 100 * radius: count = maximum
+         bipartite matching (`correspond_pixels`, Dinic max flow); cntP = cntR = #matches, sumP = |B|, sumR = |G|.
+    Over the dataset: counts summed per threshold, P = sum cntP / sum sumP, R = sum cntR / sum sumR
+    (gather_measure.m: R = 1, P = 0 if sumR = 0; R = 0, P = 1 if sumP = 0), F = 2PR / (P + R),
+    odsF = max over thresholds (general_ods.m).
 
-    How this differs from SEISM (correspondPixels / BSDS benchmark):
-      * no one-to-one bipartite matching: several predicted pixels may match the same GT pixel and one predicted
-        pixel may "cover" many GT pixels, so double/thick responses near a boundary are not penalised as false
-        positives and the score is slightly optimistic (by how much depends on how thick the responses are);
-      * with `thin=False` (default) the binarised NMS map is not re-thinned per threshold; the nested threshold
-        sets then allow all thresholds in one pass (a disc max-filter replaces the per-threshold distance
-        transform). `thin=True` binarises, thins (`thin`) and distance-transforms at every threshold, like
-        SEISM's thinpb path, at ~100x the cost;
-      * the NMS orientation estimate differs slightly (see `edge_nms`).
-    Use it for relative comparisons; report the MATLAB SEISM number for paper tables.
+    Remaining differences from the MATLAB run: (a) BSDS links each unmatched pixel to only 6 random
+    outlier nodes (match.cc `degree`, RNG seeded from the clock) plus an expensive overlay; when a random
+    outlier node has no partner the assignment can drop a match, so BSDS counts can be a few per mille lower
+    than the maximum matching and vary between runs; (b) convTri / atan / cos in float32 may round
+    differently from Dollar's SSE code, which can flip sign(-Oxy) where Oxy is ~1e-7 and so change O;
+    (c) the image is the GT's valid box, where the authors crop the centre of the padded prediction.
+    Checked against SEISM's own MATLAB code run in GNU Octave (tests/fixtures/odsf_seism_reference.npz):
+    NMS, thinning, sumP and sumR identical; cntP up to 6 per image-threshold above BSDS's (item a); odsF
+    +0.04 (maxDist 0.0075) and +0.03 (0.011) points on 25 synthetic label maps.
+    GT matters: PASCAL-Context's SEISM GT is thin(seg2bmap(LabelMap)); the dataset's thin(|Laplacian|) edge
+    maps sit up to a pixel elsewhere, so pass the label map with gt_format="segmentation" for paper numbers.
+    `num_thresholds=K` replaces the list by BSDS's linspace(1/(K+1), K/(K+1), K).
+    `workers=N` scores images in N spawned processes (results independent of N).
     """
 
-    def __init__(self, max_dist=0.0075, num_thresholds=99, nms=True, thin=False, ignore_index=255):
+    GT_FORMATS = ("boundary", "segmentation")
+
+    def __init__(self, max_dist=0.0075, num_thresholds=None, nms=True, thin=True, ignore_index=255,
+                 quantize=True, gt_format="boundary", thresholds=None, workers=0):
+        if gt_format not in self.GT_FORMATS:
+            raise ValueError(f"EdgeMeter: gt_format={gt_format!r}; use one of {self.GT_FORMATS}")
+        if num_thresholds is not None and thresholds is not None:
+            raise ValueError("EdgeMeter: pass either num_thresholds or thresholds, not both")
         self.max_dist = max_dist
         self.nms = nms
         self.thin = thin
         self.ignore_index = ignore_index
-        self.thresholds = np.linspace(1 / (num_thresholds + 1), num_thresholds / (num_thresholds + 1),
-                                      num_thresholds)
-        self.matched_pred = np.zeros(num_thresholds)   # predicted pixels near a GT boundary
-        self.total_pred = np.zeros(num_thresholds)
-        self.matched_gt = np.zeros(num_thresholds)     # GT pixels near a predicted boundary
-        self.total_gt = 0.0
+        self.quantize = quantize
+        self.gt_format = gt_format
+        if thresholds is not None:
+            self.thresholds = np.asarray(thresholds, dtype=np.float64)
+        elif num_thresholds is not None:
+            self.thresholds = np.linspace(1 / (num_thresholds + 1), num_thresholds / (num_thresholds + 1),
+                                          num_thresholds)
+        else:
+            self.thresholds = SEISM_THRESHOLDS.copy()
+        self.matched_pred = np.zeros(len(self.thresholds))  # cntP: predicted pixels matched to a GT pixel
+        self.total_pred = np.zeros(len(self.thresholds))    # sumP
+        self.matched_gt = np.zeros(len(self.thresholds))    # cntR: GT pixels matched to a prediction
+        self.total_gt = 0.0                                 # sumR
+        self.workers = workers
+        self._pool, self._pending = None, []
 
-    def _count_at_least(self, values):
-        """Number of values >= each threshold."""
-        values = np.sort(values.ravel())
-        return values.size - np.searchsorted(values, self.thresholds, side="left")
+    def _job(self, prob, gt, valid):
+        return (prob, gt, valid, self.thresholds, self.max_dist, self.nms, self.thin, self.quantize,
+                self.gt_format)
 
-    def _update_image(self, prob, gt):
-        valid = gt != self.ignore_index
-        if not valid.any():
-            return
-        rows, cols = np.nonzero(valid)
-        box = slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1)
-        prob, gt, valid = prob[box].astype(np.float64), gt[box], valid[box]
-        gt_edge = (gt > 0.5) & valid
-        if self.nms:
-            prob = edge_nms(prob)
-        prob = np.where(valid, prob, 0.0)
-        tolerance = self.max_dist * math.hypot(*prob.shape)
-        dist_to_gt = ndimage.distance_transform_edt(~gt_edge) if gt_edge.any() else np.full(prob.shape, np.inf)
-        self.total_gt += gt_edge.sum()
-        if self.thin:
-            for k, threshold in enumerate(self.thresholds):
-                pred_edge = thin(prob >= threshold)
-                self.total_pred[k] += pred_edge.sum()
-                self.matched_pred[k] += np.sum(pred_edge & (dist_to_gt <= tolerance))
-                if pred_edge.any():
-                    dist_to_pred = ndimage.distance_transform_edt(~pred_edge)
-                    self.matched_gt[k] += np.sum(gt_edge & (dist_to_pred <= tolerance))
-            return
-        self.total_pred += self._count_at_least(prob[prob > 0])
-        self.matched_pred += self._count_at_least(prob[(prob > 0) & (dist_to_gt <= tolerance)])
-        # A GT pixel is recalled at threshold t iff the largest prediction within the tolerance disc is >= t.
-        r = int(math.floor(tolerance))
-        dy, dx = np.mgrid[-r:r + 1, -r:r + 1]
-        disc = dy ** 2 + dx ** 2 <= tolerance ** 2
-        nearby_max = ndimage.maximum_filter(prob, footprint=disc, mode="constant", cval=0.0)
-        self.matched_gt += self._count_at_least(nearby_max[gt_edge & (nearby_max > 0)])
+    def _add(self, counts):
+        sum_r, cnt_r, sum_p, cnt_p = counts
+        self.total_gt += sum_r
+        self.matched_gt += cnt_r
+        self.total_pred += sum_p
+        self.matched_pred += cnt_p
 
-    def update(self, pred_prob, gt):
-        """pred_prob: edge probability in [0, 1]; gt: {0, 1} boundary map with ignore_index; (H, W) or batched."""
+    def _drain(self, keep=0):
+        while len(self._pending) > keep:
+            self._add(self._pending.pop(0).result())
+
+    def update(self, pred_prob, gt, valid=None):
+        """pred_prob: edge probability in [0, 1]; gt: {0, 1} boundary map (or label map, see gt_format) with
+        ignore_index; valid: optional mask of evaluated pixels; (H, W) or batched."""
         pred, gt = _squeeze_channel(_to_numpy(pred_prob)), _squeeze_channel(_to_numpy(gt))
         _check_same_shape(pred, gt, "EdgeMeter")
+        valid = gt != self.ignore_index if valid is None else _squeeze_channel(_to_numpy(valid)).astype(bool)
+        _check_same_shape(valid, gt, "EdgeMeter valid mask")
         if pred.ndim == 2:
-            pred, gt = pred[None], gt[None]
-        for prob_image, gt_image in zip(pred, gt):
-            self._update_image(prob_image, gt_image)
+            pred, gt, valid = pred[None], gt[None], valid[None]
+        for prob_image, gt_image, valid_image in zip(pred, gt, valid):
+            if not valid_image.any():
+                continue  # the authors write no prediction for an image without valid GT
+            job = self._job(prob_image, gt_image, valid_image)
+            if not self.workers:
+                self._add(_edge_image_counts(*job))
+                continue
+            if self._pool is None:
+                import concurrent.futures
+                import multiprocessing
+                # spawn, not fork: the caller may hold CUDA or threads; workers only need numpy/scipy.
+                self._pool = concurrent.futures.ProcessPoolExecutor(
+                    self.workers, mp_context=multiprocessing.get_context("spawn"))
+            self._pending.append(self._pool.submit(_edge_image_counts_star, job))
+            self._drain(keep=4 * self.workers)  # bound the images held in memory
+
+    def close(self):
+        """Wait for queued images and shut the worker pool down (result() calls it)."""
+        self._drain()
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
     def curve(self):
-        """(thresholds, precision, recall, F) with F = 2PR / (P + R), 0 where undefined."""
+        """(thresholds, precision, recall, F) from the dataset counts, with gather_measure.m's conventions."""
+        self.close()
+        precision = np.zeros(len(self.thresholds))
+        recall = np.zeros(len(self.thresholds))
+        for k in range(len(self.thresholds)):
+            if self.total_gt == 0:
+                recall[k], precision[k] = 1.0, 0.0
+            elif self.total_pred[k] == 0:
+                recall[k], precision[k] = 0.0, 1.0
+            else:
+                recall[k] = self.matched_gt[k] / self.total_gt
+                precision[k] = self.matched_pred[k] / self.total_pred[k]
         with np.errstate(divide="ignore", invalid="ignore"):
-            precision = self.matched_pred / self.total_pred
-            recall = self.matched_gt / self.total_gt
-            f = 2 * precision * recall / (precision + recall)
-        return self.thresholds, precision, recall, np.nan_to_num(f)
+            f = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+        return self.thresholds, precision, recall, f
 
     def result(self):
         return float(self.curve()[3].max() * 100)
 
 
 def ods_f(pred_prob, gt, max_dist=0.0075, **kwargs):
-    """Boundary odsF in percent of one image or batch (see EdgeMeter for the approximation)."""
+    """Boundary odsF in percent of one image or batch (SEISM procedure, see EdgeMeter)."""
     meter = EdgeMeter(max_dist=max_dist, **kwargs)
     meter.update(pred_prob, gt)
     return meter.result()

@@ -1091,7 +1091,7 @@ def evaluate_checkpoint(args):
     """--eval-only: rebuild the model from the checkpoint (ours or the authors'), evaluate, print the table."""
     _, _, device = init_distributed()
     model, targs, label, out_dir = model_for_eval(args)
-    if not targs.data_root:
+    if targs.dataset != "synthetic" and not targs.data_root:
         fail(f"--eval-only with '{args.ckpt}' needs --data-root PATH of the {targs.dataset} release")
     os.makedirs(out_dir, exist_ok=True)
     results = evaluate(model, targs, device, out_dir)

@@ -642,6 +642,7 @@ def train(args, rank, world_size, device):
         if end_of_step(run, args, step, device, metrics, state, sample, sample_last=False):  # evaluate() draws it
             break
     finish_training(run, model, bar)
+    run.steps_done = step  # < args.steps when a stop signal ended the run early
     return run, model, ema
 
 
@@ -1110,6 +1111,10 @@ def main(argv=None):
                                          "label_encoding": "cross-task" if decoder == "none" else args.label_encoding})
         name = "TaskDiffusion" if decoder != "none" else "baseline (--decoder none)"
         run, model, ema = train(run_args, rank, world_size, device)
+        if run.steps_done < run_args.steps:  # stopped by a signal: neither the next model nor an evaluation
+            run.log(f"stopped at step {run.steps_done}; continue with the same flags and --resume auto")
+            cleanup_distributed()
+            return None
         runs[name] = (run, ema if args.eval_weights == "ema" else model, run_args)
     cleanup_distributed()  # evaluation on rank 0 alone, after the group is gone: it cannot time out a collective
     if rank != 0:

@@ -512,3 +512,18 @@ def test_synthetic_images_are_standardised_like_pascal():
     torch.testing.assert_close(item["image"], (x01 - mean) / std)
     assert torch.equal(item["semseg"], raw["semseg"])
     torch.testing.assert_close(td.denormalize_tensor(item["image"]), raw["image"])  # back to [-1, 1] for pictures
+
+
+def test_a_stop_signal_ends_main_without_the_baseline_or_an_evaluation(tmp_path, monkeypatch):
+    real = td.end_of_step
+
+    def stop_after_first(run, args, step, *rest, **kw):  # as if SIGTERM arrived during step 1
+        run.stop_requested = True  # what TrainingRun's signal handler sets
+        return real(run, args, step, *rest, **kw)
+
+    monkeypatch.setattr(td, "end_of_step", stop_after_first)
+    out = td.main([*SMALL, "--steps", "3", "--global-batch-size", "2", "--num-eval", "2", "--results-dir",
+                   str(tmp_path)])
+    assert out is None and os.listdir(tmp_path) == ["000-taskdiffusion-synthetic-vit-tiny-cross-task"]
+    run_dir = tmp_path / "000-taskdiffusion-synthetic-vit-tiny-cross-task"
+    assert os.listdir(run_dir / "checkpoints") == ["0000001.pt"] and not (run_dir / "results.txt").exists()

@@ -8,17 +8,22 @@ at a random noise level with the ordinary task losses; inference runs 3 DDIM ste
 
 This file, in the paper's order: (1) the pixel-level encoder, cross-task label encoder and cross-task diffusion
 decoder (Sec. 3.2), (2) the losses (Eq. 3), (3) the training loop (Algorithm 1), (4) the sampler (Algorithm 2) and
-the evaluation, (5) main(). Facts the paper lost are in the project SPEC (../shared/SPEC.md), checked against
-YuqiYang213/TaskDiffusion (`models/transformers/TaskDiffusion_head.py`, `TaskDiffusion_baseline.py`, `configs/`,
-`utils/`).
+the evaluation, (5) --eval-only on our checkpoints or the authors' released ones (AUTHORS_KEY_MAP), (6) main().
+Facts the paper lost are in the project SPEC (../shared/SPEC.md), checked against YuqiYang213/TaskDiffusion
+(`models/transformers/TaskDiffusion_head.py`, `TaskDiffusion_baseline.py`, `configs/`, `utils/`); on shared
+weights the model, the sampler and one training forward equal theirs to 1e-5 (tests/test_task_diffusion.py). The
+input pipeline and the training augmentation are theirs too (data/dense.py).
 
     python task_diffusion.py            # tiny ViT on the synthetic set (CPU, minutes) vs. a --decoder none baseline
     torchrun --nproc_per_node=2 task_diffusion.py --dataset pascal --data-root <PASCAL-Context> --backbone vit-l \
         --backbone-weights vit_large_patch16_384.pth                                         # the paper's run
+    python task_diffusion.py --eval-only --ckpt taskdiffusion_pascal_vitl.pth.tar --data-root <PASCAL-Context>
 """
 import argparse
 import math
 import os
+import re
+import sys
 
 import torch
 import torch.nn as nn
@@ -26,11 +31,13 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from common.train_utils import (TrainingRun, add_run_args, all_reduce_mean, autocast, cleanup_distributed, end_of_step,
-                                fail, fill_defaults, finish_training, infinite_loader, init_distributed,
-                                load_checkpoint, load_model_state, make_ema, random_hflip, resume_training,
+from common.checkpoint_io import CheckpointError, read_checkpoint, strip_prefix
+from common.train_utils import (ResumableSampler, TrainingRun, add_run_args, all_reduce_mean, autocast,
+                                cleanup_distributed, end_of_step, fail, fill_defaults, finish_training, infinite_loader,
+                                init_distributed, load_model_state, make_ema, random_hflip, resume_training,
                                 run_dir_of, save_image_grid, seed_step, update_ema, wrap_ddp)
 from common.vit import VisionTransformer, vit_base_patch16, vit_large_patch16
+from data.dense import StepKeyedSampler, denormalize_tensor, normalize_tensor
 from eval.dense_metrics import (DepthMeter, EdgeMeter, NormalsMeter, SaliencyMeter, SegMeter, delta_m,
                                 format_table)
 
@@ -152,22 +159,27 @@ class LogSNREmbedding(nn.Module):
 #                   Pixel-level encoder (Sec. 3.2, TaskDiffusion_baseline.py)   #
 #################################################################################
 
-def create_vit(name, image_size):
-    """Headless ViT-B/16, ViT-L/16 or our CPU-sized vit-tiny (D=96, 4 blocks, 3 heads, patch 8, every block a level)."""
+def create_vit(name, image_size, drop_path_rate=0.0):
+    """Headless ViT-B/16, ViT-L/16 or our CPU-sized vit-tiny (D=96, 4 blocks, 3 heads, patch 8, every block a level).
+    drop_path_rate: stochastic depth of the last block (utils/common_config.py get_backbone: 0.15)."""
     if name == "vit-b":
-        return vit_base_patch16(img_size=image_size, num_classes=0)
+        return vit_base_patch16(img_size=image_size, num_classes=0, drop_path_rate=drop_path_rate)
     if name == "vit-l":
-        return vit_large_patch16(img_size=image_size, num_classes=0)
+        return vit_large_patch16(img_size=image_size, num_classes=0, drop_path_rate=drop_path_rate)
     return VisionTransformer(img_size=image_size, patch_size=8, embed_dim=96, depth=4, num_heads=3, num_classes=0,
-                             feature_layers=(1, 2, 3, 4))
+                             feature_layers=(1, 2, 3, 4), drop_path_rate=drop_path_rate)
+
+
+# (blocks, width, patch) -> backbone name: what a checkpoint's ViT weights say about it (the heads they cannot).
+BACKBONE_SHAPES = {(4, 96, 8): "vit-tiny", (12, 768, 16): "vit-b", (24, 1024, 16): "vit-l"}
 
 
 class PixelEncoder(nn.Module):
     """Shared ViT -> 4 levels X^l (blocks 3/6/9/12 for ViT-B), each through a 1x1 conv to C channels."""
 
-    def __init__(self, backbone, image_size, dim):
+    def __init__(self, backbone, image_size, dim, drop_path_rate=0.0):
         super().__init__()
-        self.vit = create_vit(backbone, image_size)
+        self.vit = create_vit(backbone, image_size, drop_path_rate)
         # Patch tokens only (upstream): the class token gets no gradient, and DDP refuses unused parameters.
         self.vit.cls_token.requires_grad_(False)
         self.fuse = nn.ModuleList([nn.Conv2d(self.vit.embed_dim, dim, 1) for _ in self.vit.feature_layers])
@@ -189,9 +201,19 @@ def invalid_mask(task, labels):
     return (labels == IGNORE).float()
 
 
-def encode_targets(targets, tasks, size):
+INVALID_LABEL_RULES = ("authors", "masked")
+
+
+def encode_targets(targets, tasks, size, invalid_rule="authors"):
     """Ground truth -> label-encoder inputs at the feature grid: nearest class maps (255 -> extra index K),
-    bilinear continuous maps with a bilinear 'invalid' fraction (invalid values zeroed first)."""
+    bilinear continuous maps with a bilinear 'invalid' fraction per pixel.
+
+    invalid_rule="authors" is TaskDiffusion_head.py forward_train: the fraction of a pixel's channels equal to 255
+    is its invalid weight and the values are interpolated as they are, 255 included; depth (invalid = 0) is never
+    blended. "masked" (ours, deliberately different): every invalid convention counts (depth <= 0, zero-norm or
+    255 normals, 255 edge) and invalid values are zeroed first, so that no 255 bleeds into the neighbouring cells
+    of the stride-16 grid. Only training sees this (inference re-encodes predictions, which have no invalid pixels).
+    """
     inputs = {}
     for task, classes in tasks.items():
         y = targets[task]
@@ -200,8 +222,12 @@ def encode_targets(targets, tasks, size):
             inputs[task] = torch.where(y == IGNORE, classes, y)
         else:
             y = y[:, None] if y.ndim == 3 else y
-            invalid = invalid_mask(task, y)
-            y = torch.where(invalid.bool(), torch.zeros_like(y), y)
+            y = y if y.is_floating_point() else y.float()
+            if invalid_rule == "authors":
+                invalid = (y == IGNORE).float().mean(dim=1, keepdim=True)
+            else:
+                invalid = invalid_mask(task, y)
+                y = torch.where(invalid.bool(), torch.zeros_like(y), y)
             inputs[task] = (F.interpolate(y, size=size, mode="bilinear"),
                             F.interpolate(invalid, size=size, mode="bilinear"))
     return inputs
@@ -372,10 +398,13 @@ class TaskDiffusion(nn.Module):
     baseline (backbone + fused task branches + task heads, no diffusion)."""
 
     def __init__(self, tasks, backbone="vit-tiny", image_size=64, dim=64, decoder="cross-task", interaction="task",
-                 level_interaction=True, scale=0.01, cross_task_encoding=True):
+                 level_interaction=True, scale=0.01, cross_task_encoding=True, drop_path_rate=0.0,
+                 invalid_labels="authors"):
         super().__init__()
-        self.tasks, self.decoder_kind = dict(tasks), decoder
-        self.encoder = PixelEncoder(backbone, image_size, dim)
+        if invalid_labels not in INVALID_LABEL_RULES:
+            raise ValueError(f"invalid_labels {invalid_labels!r}: choose from {INVALID_LABEL_RULES}")
+        self.tasks, self.decoder_kind, self.invalid_labels = dict(tasks), decoder, invalid_labels
+        self.encoder = PixelEncoder(backbone, image_size, dim, drop_path_rate)
         L = len(self.encoder.fuse)
         cross = decoder == "cross-task"
         self.branches = TaskBranches(tasks, dim, L, fused=not cross)
@@ -394,17 +423,19 @@ class TaskDiffusion(nn.Module):
         levels = self.encoder(images)
         return levels, self.branches(levels)
 
-    def forward(self, images, targets):
-        """Algorithm 1: logits (and auxiliary logits) at the image size for one random noise level per image."""
+    def forward(self, images, targets, t=None, noise=None):
+        """Algorithm 1: logits (and auxiliary logits) at the image size for one random noise level per image
+        (t ~ U(0, 0.999) and noise ~ N(0, I) unless given)."""
         levels, feats = self.condition(images)
         size = images.shape[-2:]
         if self.decoder_kind == "none":
             return resize({t: head(feats[t][0]) for t, head in self.decoder.items()}, size), {}
-        x0 = self.label_encoder(encode_targets(targets, self.tasks, levels[0].shape[-2:]))
-        t = torch.rand(len(images), device=images.device) * 0.999  # continuous t ~ U(0, 0.999)
+        x0 = self.label_encoder(encode_targets(targets, self.tasks, levels[0].shape[-2:], self.invalid_labels))
+        if t is None:
+            t = torch.rand(len(images), device=images.device) * 0.999  # continuous t ~ U(0, 0.999)
         log_snr = cosine_log_snr(t)
         alpha, sigma = (s[:, None, None, None] for s in alpha_sigma(log_snr))
-        z_t = alpha * x0 + sigma * torch.randn_like(x0)  # Eq. (1)
+        z_t = alpha * x0 + sigma * (torch.randn_like(x0) if noise is None else noise)  # Eq. (1)
         logits, _ = self.decoder(z_t, log_snr, levels, feats)  # the decoder predicts the task logits (x0-style)
         aux = {t: head(F.interpolate(torch.cat(feats[t], 1), scale_factor=4, mode="bilinear"))
                for t, head in self.aux_heads.items()}
@@ -465,21 +496,51 @@ def training_loss(model, images, targets, dataset, aux_weight):
 #                            Data helpers                                       #
 #################################################################################
 
+class ImageNetStandardised(torch.utils.data.Dataset):
+    """The synthetic dense set with its [-1, 1] image standardised like PASCAL / NYUD (data/dense.py): one input
+    convention for every data set, so the same model code and the same --backbone-weights fit all of them."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        item = dict(self.dataset[index])
+        item["image"] = normalize_tensor((item["image"] + 1) / 2)
+        return item
+
+
 def create_dense_dataset(args, split):
-    """Synthetic shapes (train seed 0, val seed 1), PASCAL-Context or NYUD-v2 (data/dense.py, padded, no aug)."""
+    """Synthetic shapes (train seed 0, val seed 1; flipped on-device in training), or PASCAL-Context / NYUD-v2
+    (data/dense.py): the authors' train transform with augmentation for "train", their valid transform (pad) else."""
     if args.dataset == "synthetic":
         from data.synthetic import SyntheticShapes
         n = 10_000 if split == "train" else args.num_eval
-        return SyntheticShapes(n, args.image_size, seed=0 if split == "train" else 1, dense=True)
+        return ImageNetStandardised(SyntheticShapes(n, args.image_size, seed=0 if split == "train" else 1, dense=True))
     from data.dense import NYUD, PascalContext
     try:
         cls = PascalContext if args.dataset == "pascal" else NYUD
-        ds = cls(args.data_root, split, tasks=args.tasks, image_size=args.image_size, resize="pad")
+        ds = cls(args.data_root, split, tasks=args.tasks, image_size=args.image_size, resize="pad",
+                 augment=split == "train", seed=args.seed)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
     if split != "train" and args.num_eval:
         ds = torch.utils.data.Subset(ds, range(min(args.num_eval, len(ds))))
     return ds
+
+
+def training_loader(dataset, batch_size, rank, world_size, seed, start_step, num_workers, device):
+    """Endless, exactly resumable per-rank batches (common.train_utils.infinite_loader); an augmenting data set gets
+    (index, step) keys instead of indices, so its random crops depend on (seed, step, index) only."""
+    if not getattr(dataset, "augment", False):
+        return infinite_loader(dataset, batch_size, rank, world_size, seed, start_step, num_workers, device)
+    sampler = StepKeyedSampler(ResumableSampler(len(dataset), batch_size, rank, world_size, seed, start_step),
+                               batch_size, start_step)
+    return iter(torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=num_workers,
+        pin_memory=device.type == "cuda", persistent_workers=num_workers > 0))
 
 
 def to_device(batch, tasks, device):
@@ -506,7 +567,7 @@ def build_model(args):
     """The model of parsed args (see parse_args): e.g. build_model(parse_args(["--backbone", "vit-b"]))."""
     return TaskDiffusion(output_channels(args.dataset, args.tasks), args.backbone, args.image_size, args.embed_dim,
                          args.decoder, args.interaction, not args.no_level_interaction, args.scale,
-                         args.label_encoding == "cross-task")
+                         args.label_encoding == "cross-task", args.drop_path, args.invalid_labels)
 
 
 def train(args, rank, world_size, device):
@@ -531,9 +592,11 @@ def train(args, rank, world_size, device):
 
     step = resume_training(run, model, ema, opt)
     ddp = wrap_ddp(model, device, world_size)  # BatchNorm statistics: DDP's default buffer broadcast keeps them equal
-    loader = infinite_loader(dataset, batch_size, rank, world_size, args.seed, step, args.num_workers, device)
+    loader = training_loader(dataset, batch_size, rank, world_size, args.seed, step, args.num_workers, device)
     run.log(f"TaskDiffusion {args.backbone} C={args.embed_dim} decoder={args.decoder} interaction={args.interaction} "
             f"level-interaction={not args.no_level_interaction} label-encoding={args.label_encoding} "
+            f"drop-path={args.drop_path} invalid-labels={args.invalid_labels} "
+            f"augmentation={'scale, crop, flip, photometric' if getattr(dataset, 'augment', False) else 'flip'} "
             f"tasks={','.join(tasks)}: {sum(p.numel() for p in model.parameters()):,} parameters; "
             f"{len(dataset):,} training items; world size {world_size}, batch {batch_size}/rank; results in {run.dir}")
     show = next(iter(torch.utils.data.DataLoader(create_dense_dataset(args, "val"), batch_size=6))) \
@@ -558,8 +621,10 @@ def train(args, rank, world_size, device):
     model.train()
     bar = tqdm(total=args.steps, initial=step, disable=rank != 0, desc=f"train {args.decoder}", dynamic_ncols=True)
     while step < args.steps:
-        seed_step(args.seed, rank, step)  # this step's flips, noise levels and noise depend on it alone
-        images, targets = random_flip(*to_device(next(loader), tasks, device))
+        seed_step(args.seed, rank, step)  # this step's flips, drop-path masks, noise levels and noise: its own
+        images, targets = to_device(next(loader), tasks, device)
+        if args.dataset == "synthetic":  # PASCAL / NYUD are flipped (and scaled, cropped) by the loader
+            images, targets = random_flip(images, targets)
         for group in opt.param_groups:  # poly decay (utils/train_utils.py PolynomialLR), a pure function of step
             group["lr"] = args.lr * (1 - min(step, args.decay_steps) / args.decay_steps) ** 0.9
         with autocast(device, args.bf16):
@@ -577,6 +642,7 @@ def train(args, rank, world_size, device):
         if end_of_step(run, args, step, device, metrics, state, sample, sample_last=False):  # evaluate() draws it
             break
     finish_training(run, model, bar)
+    run.steps_done = step  # < args.steps when a stop signal ended the run early
     return run, model, ema
 
 
@@ -585,12 +651,14 @@ def train(args, rank, world_size, device):
 #################################################################################
 
 @torch.no_grad()
-def ddim_sample(model, images, steps=3, t_diff=1, generator=None):
-    """Algorithm 2: z ~ N(0, I); per step decode, re-encode the prediction as x0, DDIM to t_next.
+def ddim_sample(model, images, steps=3, t_diff=1, generator=None, z=None):
+    """Algorithm 2: z ~ N(0, I) (or the given z_T); per step decode, re-encode the prediction as x0, DDIM to t_next.
     Returns (last step's logits at the image size, per-step task-relation maps). Call model.eval() first."""
     levels, feats = model.condition(images)
     h, w = levels[0].shape[-2:]
-    z = torch.randn(len(images), model.label_encoder.out_channels, h, w, device=images.device, generator=generator)
+    if z is None:
+        z = torch.randn(len(images), model.label_encoder.out_channels, h, w, device=images.device,
+                        generator=generator)
     pairs, relations = time_pairs(steps, t_diff), []
     for k, (t_now, t_next) in enumerate(pairs):
         last = k == len(pairs) - 1
@@ -599,6 +667,10 @@ def ddim_sample(model, images, steps=3, t_diff=1, generator=None):
         logits, A = model.decoder(z, log_snr.expand(len(images)), levels, feats, upsample=last)
         relations.append(A)
         if last:  # the final z would be unused
+            if "depth" in logits:
+                # TaskDiffusion_head.py ddim_sample re-encodes with an in-place clamp_(0, 80), so the depth it
+                # returns is clamped before the wrapper's bilinear resize (which then cannot leave [0, 80])
+                logits = {**logits, "depth": logits["depth"].clamp(0, 80)}
             break
         x0 = model.label_encoder(reencode_predictions(logits, model.tasks))
         (alpha, sigma), (alpha_next, sigma_next) = alpha_sigma(log_snr), alpha_sigma(log_snr_next)
@@ -634,8 +706,8 @@ def colourise(task, x):
         palette = torch.rand(256, 3, generator=torch.Generator().manual_seed(1)) * 2 - 1
         palette[0], palette[IGNORE] = -1, 1
         return palette[x.long().clamp(0, 255)].permute(0, 3, 1, 2)
-    if task == "normals":
-        return x.clamp(-1, 1)
+    if task == "normals":  # ignored pixels (255) black
+        return torch.where((x == IGNORE).any(1, keepdim=True), -1.0, x.clamp(-1, 1))
     x = x[:, 0] if x.ndim == 4 else x
     if task == "depth":  # one fixed range for prediction and ground truth: near = bright, 10 m and missing = black
         x = torch.where(x > 0, 1 - x / 10, 0)
@@ -663,7 +735,8 @@ def write_predictions(model, batch, tasks, args, path, generator=None):
         logits, relations = predict(model, images, args.sampling_steps, generator)
     preds = prediction_maps(logits)
     if path is not None:
-        tiles = [images.float().cpu()] + [colourise(t, m) for t in tasks for m in (preds[t], targets[t])]
+        tiles = [denormalize_tensor(images.float().cpu())] + [colourise(t, m) for t in tasks
+                                                              for m in (preds[t], targets[t])]
         save_image_grid(torch.stack(tiles, 1).flatten(0, 1), path, nrow=len(tiles))
         for k in sorted({0, len(relations) - 1}) if relations else []:
             save_relations_png(relations[k], path.replace(".png", f"_task_relations_step{k + 1}.png"))
@@ -713,11 +786,14 @@ PAPER = dict(steps=40_000, global_batch_size=4, lr=2e-5, ema_decay=0.9999, num_w
 DEMO = dict(steps=300, global_batch_size=8, lr=1e-3, ema_decay=0.99, num_workers=0, log_every=25,
             ckpt_every=300, sample_every=100)
 EMBED_DIM = {"vit-tiny": 32, "vit-b": 576, "vit-l": 376}  # C of configs/pascal/*.yml (NYUD ViT-L: 768); tiny: ours
+IMAGE_SIZE = {"synthetic": [64], "pascal": [512], "nyud": [448, 576]}  # utils/config.py TRAIN/TEST.SCALE; ours: 64
+SHAPE_FLAGS = ("dataset", "backbone", "embed_dim", "image_size", "tasks")  # what an authors' checkpoint fixes
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--dataset", choices=list(DATASETS), default="synthetic")
+    p.add_argument("--dataset", choices=list(DATASETS), default=None, help="default synthetic (or, with --eval-only, "
+                   "what the checkpoint was trained on)")
     p.add_argument("--data-root", default=None, help="PASCAL-Context / NYUD-v2 folder (ATRC release layout)")
     p.add_argument("--tasks", default=None, help="comma-separated subset (default: all tasks of the data set)")
     p.add_argument("--image-size", type=int, nargs="+", default=None,
@@ -734,6 +810,11 @@ def parse_args(argv=None):
                    help="Table 3: separate = per-task maps, no joint conv (the default of --decoder task-specific)")
     p.add_argument("--scale", type=float, default=0.01, help="scaling factor of the cross-task map")
     p.add_argument("--aux-weight", type=float, default=None, help="default 0.125 (ViT-B, tiny) / 0.25 (ViT-L)")
+    p.add_argument("--drop-path", type=float, default=None,
+                   help="stochastic depth of the ViT's last block (default 0.15 PASCAL / NYUD, as the authors; "
+                   "0 synthetic)")
+    p.add_argument("--invalid-labels", choices=INVALID_LABEL_RULES, default="authors",
+                   help="label encoding of invalid pixels in training: the authors' rule or ours (encode_targets)")
     p.add_argument("--weight-decay", type=float, default=1e-6)
     p.add_argument("--grad-clip", type=float, default=10.0)
     p.add_argument("--decay-steps", type=int, default=None, help="poly LR horizon (default --steps)")
@@ -746,7 +827,11 @@ def parse_args(argv=None):
     p.add_argument("--eval-only", action="store_true", help="evaluate --ckpt and exit")
     p.add_argument("--ckpt", default=None)
     add_run_args(p)
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
+    args.argv = argv  # re-parsed with what an authors' checkpoint fixes (load_authors_model)
+    args.given = [k for k in SHAPE_FLAGS if getattr(args, k) is not None]  # checked against an authors' checkpoint
+    args.dataset = args.dataset or "synthetic"
     synthetic = args.dataset == "synthetic"
     known = DATASETS[args.dataset]["tasks"]
     tasks = args.tasks.split(",") if args.tasks else list(known)
@@ -754,7 +839,7 @@ def parse_args(argv=None):
         p.error(f"unknown --tasks {args.tasks} for {args.dataset}; choose from {','.join(known)}")
     args.tasks = list(dict.fromkeys(tasks))
     args.backbone = args.backbone or ("vit-tiny" if synthetic else "vit-l")
-    size = args.image_size or ([64] if synthetic else [512] if args.dataset == "pascal" else [448, 576])
+    size = args.image_size or IMAGE_SIZE[args.dataset]
     patch = 8 if args.backbone == "vit-tiny" else 16
     if len(size) > 2 or any(s % patch for s in size):
         p.error(f"--image-size {size}: give H or H W, multiples of the patch size {patch} of {args.backbone}")
@@ -767,6 +852,9 @@ def parse_args(argv=None):
     if args.decoder == "task-specific" and args.label_encoding != "separate":
         p.error("--decoder task-specific reads each task's own label map: use --label-encoding separate")
     args.aux_weight = args.aux_weight if args.aux_weight is not None else (0.25 if args.backbone == "vit-l" else 0.125)
+    args.drop_path = args.drop_path if args.drop_path is not None else (0.0 if synthetic else 0.15)
+    if not 0 <= args.drop_path < 1:
+        p.error(f"--drop-path {args.drop_path} must be in [0, 1)")
     fill_defaults(args, DEMO if synthetic else {**PAPER, "lr": 1e-5} if args.dataset == "nyud" else PAPER)
     args.decay_steps = args.decay_steps or args.steps
     args.num_eval = args.num_eval if args.num_eval is not None else (96 if synthetic else 0)
@@ -780,17 +868,235 @@ def parse_args(argv=None):
     return args
 
 
-def evaluate_checkpoint(args):
-    """--eval-only: rebuild the model from the checkpoint's args, evaluate, print the table."""
-    _, _, device = init_distributed()
-    ckpt = load_checkpoint(args.ckpt)
-    targs = argparse.Namespace(**{**ckpt["args"], "num_eval": args.num_eval, "sampling_steps": args.sampling_steps,
-                                  "eval_batch_size": args.eval_batch_size,
-                                  "data_root": args.data_root or ckpt["args"]["data_root"]})
+#################################################################################
+#          Checkpoints for --eval-only: ours, or the authors' released ones      #
+#################################################################################
+
+# The authors' main.py saves {'model': DDP(model).state_dict()} ('module.' prefixes; resumable files also hold
+# optimizer, scheduler, epoch, iter_count). One row per module: their module path -> ours, with {l} a level,
+# {j} a block and {t} a task; the rest of the key is kept, or renamed through the row's leaf table. Derived from
+# models/TaskDiffusion_wrapper.py (backbone, heads), models/transformers/TaskDiffusion_baseline.py (MLoRE: the ViT
+# + fea_fuse) and TaskDiffusion_head.py (Crosstask_diffusion_decoder, FPN_withtime, FPN_sharediff_withtime,
+# Conv_MLP_withtime(_res), Conv_withtime, Mask_withtime, Conv_MLP, Transform_withtime, LearnedSinusoidalPosEmb).
+CONV_MLP_LEAVES = {"conv_1": "norm_conv.conv", "norm": "norm_conv.norm", "time_mlp.1": "norm_conv.film.1",
+                   "conv_2": "conv2", "conv_3": "proj"}  # Conv_MLP*, Mask_withtime -> ConvBlock
+CONV_T_LEAVES = {"conv_1": "conv", "norm": "norm", "time_mlp.1": "film.1"}  # Conv_withtime -> NormConv
+FEAT_TASK_LEAVES = {"0": "1.norm_conv.conv", "1": "1.norm_conv.norm", "3": "1.conv2",  # conv-BN-GELU-conv twice,
+                    "4": "2.norm_conv.conv", "5": "2.norm_conv.norm", "7": "2.conv2"}  # an nn.Sequential -> 2 blocks
+AUTHORS_KEY_MAP = [
+    # ViT (their MLoRE keeps timm's names) and the per-level 1x1 convs
+    ("backbone.patch_embed.", "encoder.vit.patch_embed.", None),
+    ("backbone.pos_embed", "encoder.vit.pos_embed", None),
+    ("backbone.blocks.{j}.", "encoder.vit.blocks.{j}.", None),
+    ("backbone.norm.", "encoder.vit.norm.", None),
+    ("backbone.fea_fuse.{l}.", "encoder.fuse.{l}.", None),
+    # task-specific branches F_i^s (FPN_withtime.feat_task) and the auxiliary heads
+    ("heads.fpn_encoder.feat_task.{l}.{t}.", "branches.branches.{t}.{l}.", FEAT_TASK_LEAVES),
+    ("heads.aux_heads.{t}.0.", "aux_heads.{t}.0.", CONV_MLP_LEAVES),
+    ("heads.aux_heads.{t}.1.", "aux_heads.{t}.1.", None),
+    # cross-task label encoder
+    ("heads.embedding_tables.{t}.", "label_encoder.embeddings.{t}.", None),
+    ("heads.invalid_embedding_tables.{t}.weight", "label_encoder.invalid.{t}", None),  # nn.Embedding(1, C/4): flat
+    ("heads.embed_all.", "label_encoder.fuse.", None),
+    # cross-task diffusion decoder
+    ("heads.time_mlp.0.weights", "decoder.time_embed.freqs", None),
+    ("heads.time_mlp.1.", "decoder.time_embed.mlp.0.", None),
+    ("heads.time_mlp.3.", "decoder.time_embed.mlp.2.", None),
+    ("heads.transforms.conv_transforms.{l}.", "decoder.inputs.{l}.", None),
+    ("heads.fpn_encoder.share_fpn.fpn_conv.{l}.{j}.", "decoder.shared.{l}.{j}.", CONV_MLP_LEAVES),
+    ("heads.fpn_encoder.mask_task.{l}.", "decoder.relation.{l}.", CONV_T_LEAVES),
+    ("heads.fpn_encoder.specific_head.{l}.{t}.", "decoder.specific.{l}.{t}.", CONV_T_LEAVES),
+    ("heads.fpn_encoder.fpn_mask.{t}.", "decoder.level_weights.{t}.", CONV_MLP_LEAVES),
+    ("heads.encoders.{j}.{t}.", "decoder.heads.{t}.blocks.{j}.", CONV_MLP_LEAVES),
+    ("heads.pred_heads.{t}.", "decoder.heads.{t}.pred.", None),
+]
+OURS_ONLY = ("encoder.vit.cls_token",)  # their ViT has no class token; ours keeps timm's, unused (patch tokens only)
+RESUME_ONLY = ("optimizer", "scheduler", "epoch", "iter_count")  # in their resumable files: not needed to evaluate
+
+
+def _compile_key_map(rows):
+    """Each row as (regex, our template, leaves): {l} / {j} match indices, {t} a task name."""
+    compiled = []
+    for theirs, ours, leaves in rows:
+        pattern = re.escape(theirs)
+        for name, part in (("l", r"\d+"), ("j", r"\d+"), ("t", r"[a-z_]+")):
+            pattern = pattern.replace(re.escape("{" + name + "}"), f"(?P<{name}>{part})")
+        pattern += "(?P<rest>.+)" if theirs.endswith(".") else ""
+        compiled.append((re.compile(pattern + "$"), ours, leaves))
+    return compiled
+
+
+_KEY_MAP = _compile_key_map(AUTHORS_KEY_MAP)
+
+
+def _our_key(key):
+    """Our name of one of the authors' keys, or None when no row of AUTHORS_KEY_MAP covers it."""
+    for regex, ours, leaves in _KEY_MAP:
+        match = regex.match(key)
+        if match:
+            groups = match.groupdict()
+            rest = groups.pop("rest", "")
+            if leaves is not None:
+                leaf = next((k for k in leaves if rest.startswith(k + ".")), None)
+                if leaf is None:
+                    return None  # a module we map, with a parameter we do not know
+                rest = leaves[leaf] + rest[len(leaf):]
+            return ours.format(**groups) + rest
+    return None
+
+
+def authors_to_ours(state_dict):
+    """The authors' state dict ('module.' stripped) -> (ours, their keys that no row of AUTHORS_KEY_MAP maps)."""
+    converted, unmapped = {}, []
+    for key, value in state_dict.items():
+        name = _our_key(key)
+        if name is None:
+            unmapped.append(key)
+        else:
+            converted[name] = value.flatten() if name.startswith("label_encoder.invalid.") else value
+    return converted, unmapped
+
+
+def checkpoint_format(obj):
+    """'ours' ({model, ema, args, step}: TrainingRun.save), 'authors' ({'model': their state dict}, or the bare
+    state dict), or None."""
+    if isinstance(obj, dict) and {"model", "args", "step"} <= set(obj):
+        return "ours"
+    state = obj.get("model", obj) if isinstance(obj, dict) else None
+    if isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
+        keys = strip_prefix(state, "module.")
+        if any(k.startswith("backbone.") for k in keys) and any(k.startswith("heads.") for k in keys):
+            return "authors"
+    return None
+
+
+def _one_of(path, what, found, flag, given):
+    """fail() when the user's flag contradicts what the checkpoint holds."""
+    if flag in given and given[flag] != found:
+        fail(f"'{path}' holds {what} {found}, but --{flag.replace('_', '-')} is {given[flag]}: drop the flag "
+             f"or pass {found}")
+
+
+def authors_config(state, path, args):
+    """Read off the authors' weights what they fix (backbone, C, tasks and channels, hence the data set, the patch
+    grid); flags may repeat it (a contradiction is a one-line error); the rest comes from flags and paper defaults."""
+    given = {k: getattr(args, k) for k in args.given}
+    for needed in ("backbone.patch_embed.proj.weight", "backbone.pos_embed", "backbone.fea_fuse.0.weight"):
+        if needed not in state:
+            fail(f"'{path}' looks like the authors' format but has no '{needed}'; is it a TaskDiffusion checkpoint?")
+    width, _, patch, _ = state["backbone.patch_embed.proj.weight"].shape
+    blocks = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("backbone.blocks."))
+    backbone = BACKBONE_SHAPES.get((blocks, width, patch))
+    if backbone is None:
+        known = ", ".join(f"{n} {s}" for s, n in BACKBONE_SHAPES.items())
+        fail(f"'{path}': a ViT of {blocks} blocks, width {width}, patch {patch} is none of (blocks, width, patch) "
+             f"{known}")
+    _one_of(path, "backbone", backbone, "backbone", given)
+    embed_dim = state["backbone.fea_fuse.0.weight"].shape[0]
+    _one_of(path, "C =", embed_dim, "embed_dim", given)
+    channels = {k.split(".")[2]: v.shape[0] for k, v in state.items()
+                if re.fullmatch(r"heads\.pred_heads\.[a-z_]+\.weight", k)}
+    if "human_parts" in channels or "sal" in channels or channels.get("semseg") == 21:
+        dataset = "pascal"
+    elif "depth" in channels or channels.get("semseg") == 40:
+        dataset = "nyud"
+    else:
+        dataset = given.get("dataset")
+        if dataset not in ("pascal", "nyud"):
+            fail(f"'{path}': tasks {sorted(channels)} do not say PASCAL or NYUD; pass --dataset pascal|nyud")
+    _one_of(path, "a model of the data set", dataset, "dataset", given)
+    tasks = [t for t in DATASETS[dataset]["tasks"] if t in channels]  # their p.TASKS.NAMES order is the same
+    if len(tasks) != len(channels) or output_channels(dataset, tasks) != {t: channels[t] for t in tasks}:
+        fail(f"'{path}': heads {channels} do not fit {dataset} "
+             f"({output_channels(dataset, DATASETS[dataset]['tasks'])})")
+    if "tasks" in given and given["tasks"] != tasks:
+        fail(f"'{path}' predicts {','.join(tasks)}, but --tasks is {','.join(given['tasks'])}: drop --tasks")
+    size = given.get("image_size", IMAGE_SIZE[dataset])  # parse_args: an int or (H, W); the defaults: [H] or [H, W]
+    size = [size, size] if isinstance(size, int) else list(size) if len(size) == 2 else [size[0], size[0]]
+    tokens = state["backbone.pos_embed"].shape[1] - 1  # their pos_embed is fixed to the training grid
+    if any(s % patch for s in size) or (size[0] // patch) * (size[1] // patch) != tokens:
+        fail(f"'{path}' was trained on a grid of {tokens} patches of {patch} px; --image-size "
+             f"{' '.join(map(str, size))} does not give it: pass the training size "
+             f"({dataset}: {' '.join(map(str, IMAGE_SIZE[dataset]))})")
+    return dict(dataset=dataset, backbone=backbone, embed_dim=embed_dim, tasks=tasks,
+                image_size=size[0] if size[0] == size[1] else tuple(size))
+
+
+def load_authors_model(state, path, args):
+    """Our model for the authors' state dict, loaded through AUTHORS_KEY_MAP with strict key coverage:
+    (model, its args). Their model is the full one: cross-task decoder, task and level interaction, C/4 labels."""
+    if (args.decoder, args.interaction, args.no_level_interaction, args.label_encoding) != \
+            ("cross-task", "task", False, "cross-task"):
+        fail(f"'{path}' is the authors' full model: drop --decoder / --interaction / --no-level-interaction / "
+             f"--label-encoding")
+    config = authors_config(state, path, args)
+    size = config["image_size"]
+    # the user's flags again, plus what the weights fix: every default that depends on them follows (e.g. all
+    # validation images for PASCAL / NYUD, where the synthetic default would be 96)
+    targs = parse_args(args.argv + ["--dataset", config["dataset"], "--backbone", config["backbone"],
+                                    "--embed-dim", str(config["embed_dim"]), "--tasks", ",".join(config["tasks"]),
+                                    "--image-size", *map(str, [size] if isinstance(size, int) else size)])
     model = build_model(targs)
-    load_model_state(model, ckpt[args.eval_weights], args.ckpt)
-    results = evaluate(model, targs, device, run_dir_of(args.ckpt))
-    print(results_table({f"{targs.decoder} @ {ckpt['step']}": results}))
+    converted, unmapped = authors_to_ours(state)
+    ours = model.state_dict()
+    missing = [k for k in ours if k not in converted and k not in OURS_ONLY]
+    leftover = unmapped + [k for k in converted if k not in ours]
+    if leftover or missing:
+        fail(f"'{path}' does not cover the model key for key: {len(leftover)} left over (e.g. {leftover[:3]}), "
+             f"{len(missing)} missing (e.g. {missing[:3]})")
+    wrong = [f"{k} {tuple(v.shape)} (expected {tuple(ours[k].shape)})" for k, v in converted.items()
+             if v.shape != ours[k].shape]
+    if wrong:
+        fail(f"'{path}' does not fit {targs.backbone} C={targs.embed_dim} {targs.dataset} "
+             f"{targs.image_size}: {len(wrong)} size mismatches, e.g. {'; '.join(wrong[:3])}")
+    model.load_state_dict({**{k: ours[k] for k in OURS_ONLY}, **converted}, strict=True)
+    return model, targs
+
+
+def model_for_eval(args):
+    """--eval-only's model: (model, its args, a label for the table, results folder) from our checkpoint or the
+    authors' (the format is detected and logged in one line, as is what was skipped)."""
+    try:
+        obj, skipped_classes = read_checkpoint(args.ckpt)
+    except CheckpointError as e:
+        fail(str(e))
+    kind = checkpoint_format(obj)
+    if kind == "ours":
+        # flags added after a checkpoint was written take their defaults (eval ignores drop-path / invalid-labels)
+        defaults = vars(parse_args(["--dataset", obj["args"]["dataset"], "--data-root", "unused"]))
+        targs = argparse.Namespace(**{**defaults, **obj["args"], "num_eval": args.num_eval,
+                                      "sampling_steps": args.sampling_steps, "eval_batch_size": args.eval_batch_size,
+                                      "data_root": args.data_root or obj["args"]["data_root"]})
+        model = build_model(targs)
+        load_model_state(model, obj[args.eval_weights], args.ckpt)
+        print(f"read '{args.ckpt}': our checkpoint format (step {obj['step']}, '{args.eval_weights}' weights)")
+        return model, targs, f"{targs.decoder} @ {obj['step']}", run_dir_of(args.ckpt)
+    if kind != "authors":
+        found = sorted(obj)[:6] if isinstance(obj, dict) else type(obj).__name__
+        fail(f"'{args.ckpt}' is in no known format: expected ours (a dict with model, ema, args, step) or the "
+             f"authors' ({{'model': state dict with backbone.* and heads.* keys}}); found {found}")
+    state = strip_prefix(obj.get("model", obj), "module.")
+    model, targs = load_authors_model(state, args.ckpt, args)
+    print(f"read '{args.ckpt}': the authors' checkpoint format ({len(state)} tensors -> {targs.backbone}, "
+          f"C={targs.embed_dim}, {targs.dataset} {','.join(targs.tasks)}, image {targs.image_size}, "
+          f"{targs.sampling_steps} sampling steps)")
+    ignored = [k for k in obj if k != "model"] if "model" in obj else []
+    if ignored or skipped_classes:
+        print(f"ignored in '{args.ckpt}': {', '.join(ignored) or '-'}; pickled classes not loaded: "
+              f"{', '.join(skipped_classes) or '-'}")
+    out_dir = os.path.join(args.results_dir, "eval-" + os.path.basename(args.ckpt).split(".")[0])
+    return model, targs, f"authors' {os.path.basename(args.ckpt)}", out_dir
+
+
+def evaluate_checkpoint(args):
+    """--eval-only: rebuild the model from the checkpoint (ours or the authors'), evaluate, print the table."""
+    _, _, device = init_distributed()
+    model, targs, label, out_dir = model_for_eval(args)
+    if targs.dataset != "synthetic" and not targs.data_root:
+        fail(f"--eval-only with '{args.ckpt}' needs --data-root PATH of the {targs.dataset} release")
+    os.makedirs(out_dir, exist_ok=True)
+    results = evaluate(model, targs, device, out_dir)
+    print(results_table({label: results}))
     return results
 
 
@@ -805,6 +1111,10 @@ def main(argv=None):
                                          "label_encoding": "cross-task" if decoder == "none" else args.label_encoding})
         name = "TaskDiffusion" if decoder != "none" else "baseline (--decoder none)"
         run, model, ema = train(run_args, rank, world_size, device)
+        if run.steps_done < run_args.steps:  # stopped by a signal: neither the next model nor an evaluation
+            run.log(f"stopped at step {run.steps_done}; continue with the same flags and --resume auto")
+            cleanup_distributed()
+            return None
         runs[name] = (run, ema if args.eval_weights == "ema" else model, run_args)
     cleanup_distributed()  # evaluation on rank 0 alone, after the group is gone: it cannot time out a collective
     if rank != 0:

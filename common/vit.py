@@ -55,19 +55,31 @@ def resize_pos_embed(pos_embed, new_grid_hw, num_prefix_tokens=1, old_grid_hw=No
 #                                  ViT Block                                    #
 #################################################################################
 
-class Block(nn.Module):
-    """Pre-norm transformer block: x + Attn(LN(x)), then x + MLP(LN(x)) (timm `Block`, no layer scale)."""
+def drop_path(x, rate, training):
+    """Stochastic depth (timm `drop_path`, scale_by_keep=True): zero a residual branch per sample with
+    probability `rate` and divide the kept ones by 1 - rate, so the expected value is unchanged."""
+    if rate == 0.0 or not training:
+        return x
+    keep = 1.0 - rate
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    return x * mask / keep
 
-    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True):
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + DropPath(Attn(LN(x))), then x + DropPath(MLP(LN(x))) (timm `Block`, no layer
+    scale). Both branches share the rate but draw their own masks, as timm's (one DropPath module called twice)."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop_path_rate=0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias)
         self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), approximate_gelu=False)  # ViT uses the exact GELU
+        self.drop_path_rate = float(drop_path_rate)
 
     def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path_rate, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, self.training)
 
 
 #################################################################################
@@ -75,11 +87,14 @@ class Block(nn.Module):
 #################################################################################
 
 class VisionTransformer(nn.Module):
-    """ViT with a class token and learned absolute position embedding; `head` is nn.Identity when num_classes=0."""
+    """ViT with a class token and learned absolute position embedding; `head` is nn.Identity when num_classes=0.
+    drop_path_rate: stochastic depth of the last block, linear from 0 at the first (TaskDiffusion trains with 0.15)."""
 
     def __init__(self, img_size=384, patch_size=16, in_channels=3, embed_dim=768, depth=12, num_heads=12,
-                 mlp_ratio=4.0, qkv_bias=True, num_classes=1000, feature_layers=None):
+                 mlp_ratio=4.0, qkv_bias=True, num_classes=1000, feature_layers=None, drop_path_rate=0.0):
         super().__init__()
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate {drop_path_rate} must be in [0, 1)")
         img_h, img_w = _pair(img_size)
         if img_h % patch_size or img_w % patch_size:
             raise ValueError(f"img_size {img_size} must be divisible by patch_size {patch_size}")
@@ -90,7 +105,9 @@ class VisionTransformer(nn.Module):
         self.patch_embed = PatchEmbed(patch_size, in_channels, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid_size[0] * self.grid_size[1], embed_dim))
-        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias) for _ in range(depth)])
+        # timm's stochastic depth decay rule (TaskDiffusion_baseline.py too): torch.linspace(0, rate, depth) per block
+        rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # cpu: also under a meta device
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias, rate) for rate in rates])
         self.norm = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.initialize_weights()

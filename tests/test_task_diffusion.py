@@ -1,8 +1,10 @@
 """TaskDiffusion (task_diffusion.py): schedule, time pairs and DDIM re-encoding from first principles, label encoder,
 losses against hand-written formulas, module shapes per ablation flag, one training step per task set, resume, DDP."""
+import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -101,13 +103,23 @@ def test_label_encoder_range_ignore_index_and_invalid_pixels():
     # 255 -> the extra embedding row K
     gt_ignored = {**gt, "semseg": torch.full_like(gt["semseg"], td.IGNORE)}
     assert (td.encode_targets(gt_ignored, tasks, (4, 4))["semseg"] == 5).all()
-    # pixels that are invalid in two different ways (depth 0 and -3) encode identically: the learned invalid code
+    # ours ("masked"): pixels invalid in two different ways (depth 0 and -3) encode identically, the learned code
     enc = td.CrossTaskLabelEncoder(tasks, 32)
     hole = torch.zeros_like(gt["depth"], dtype=torch.bool)
     hole[:, :16] = True
     a, b = ({**gt, "depth": torch.where(hole, torch.full_like(gt["depth"], v), gt["depth"])} for v in (0.0, -3.0))
-    za, zb = (enc(td.encode_targets(x, tasks, (4, 4))) for x in (a, b))
-    assert torch.equal(za, zb) and not torch.equal(za, enc(td.encode_targets(gt, tasks, (4, 4))))
+    za, zb = (enc(td.encode_targets(x, tasks, (4, 4), "masked")) for x in (a, b))
+    assert torch.equal(za, zb) and not torch.equal(za, enc(td.encode_targets(gt, tasks, (4, 4), "masked")))
+    # the authors' rule: only 255 is invalid (depth 0 is a value), weighted by the fraction of 255 channels, and the
+    # 255s are interpolated as they are
+    authors = td.encode_targets(a, tasks, (4, 4))
+    assert torch.equal(authors["depth"][1], torch.zeros(2, 1, 4, 4))
+    normals = gt["normals"].clone()
+    normals[:, :, :, :12] = td.IGNORE  # the bilinear x8 downsampling samples columns 3.5, 11.5, ...
+    values, invalid = td.encode_targets({**gt, "normals": normals}, tasks, (4, 4))["normals"]
+    assert torch.equal(invalid[:, 0, :, 0], torch.ones(2, 4)) and torch.equal(invalid[:, 0, :, 2], torch.zeros(2, 4))
+    assert torch.allclose(invalid[:, 0, :, 1], torch.full((2, 4), 0.5))  # column 11.5: half ignored
+    assert (values[:, :, :, 1] > 100).all()  # 255 bled into the half-ignored cells, as theirs
 
 
 def test_reencoded_perfect_prediction_equals_training_code():
@@ -261,6 +273,13 @@ def test_paper_defaults_and_bad_data_root(tmp_path, capsys):
     assert (pascal.backbone, pascal.embed_dim, pascal.aux_weight, pascal.image_size) == ("vit-l", 376, 0.25, 512)
     nyud = td.parse_args(["--dataset", "nyud", "--data-root", str(tmp_path), "--backbone", "vit-b"])
     assert (nyud.lr, nyud.embed_dim, nyud.aux_weight, nyud.image_size) == (1e-5, 576, 0.125, (448, 576))
+    # stochastic depth 0.15 in the paper presets (utils/common_config.py get_backbone), 0 in the CPU demo
+    assert (pascal.drop_path, nyud.drop_path, td.parse_args([]).drop_path) == (0.15, 0.15, 0.0)
+    with torch.device("meta"):  # ViT-L without allocating it
+        vit = td.build_model(pascal).encoder.vit
+    assert len(vit.blocks) == 24 and vit.blocks[0].drop_path_rate == 0.0
+    assert vit.blocks[-1].drop_path_rate == pytest.approx(0.15) and vit.blocks[12].drop_path_rate == pytest.approx(
+        0.15 * 12 / 23)
     with pytest.raises(SystemExit):
         td.create_dense_dataset(pascal, "train")
     err = capsys.readouterr().err
@@ -316,3 +335,195 @@ def test_random_flip_mirrors_image_and_labels_together_and_turns_normals():
         n = mirror(targets["normals"][b]).clone()
         n[0] = -n[0] if f else n[0]  # the x component of a mirrored normal changes sign
         assert torch.equal(out["normals"][b], n)
+
+
+#################################################################################
+#          The authors' checkpoints: peer check against their model              #
+#################################################################################
+# tests/fixtures/taskdiffusion_authors_{pascal,nyud}.json: the state_dict() keys and shapes of the authors' model
+# (YuqiYang213/TaskDiffusion: TaskDiffusionWrapper(MLoRE ViT, Crosstask_diffusion_decoder)) built in a scratch
+# venv for a tiny config: our vit-tiny ViT (4 blocks, width 96, patch 8, select_list 1/2/3 + the final norm),
+# C = 16, their task sets, 16x24 images, module_layer 3, aux heads, bit scale 1; .npz: their outputs in eval
+# mode for a seeded image, z_T, targets (their layout, ignore regions as their pipeline marks them), t and noise.
+
+FIXTURES = os.path.join(ROOT, "tests", "fixtures")
+
+
+def _authors_fixture(name):
+    with open(os.path.join(FIXTURES, f"taskdiffusion_authors_{name}.json")) as f:
+        meta = json.load(f)
+    return meta, dict(np.load(os.path.join(FIXTURES, f"taskdiffusion_authors_{name}.npz")))
+
+
+def _authors_weights(meta):
+    """The fixture's deterministic fill: one generator, keys in sorted order (BatchNorm statistics included)."""
+    g = torch.Generator().manual_seed(meta["seed"])
+    state = {}
+    for key in sorted(meta["keys"]):
+        shape = meta["keys"][key]
+        if key.endswith("num_batches_tracked"):
+            state[key] = torch.zeros(shape, dtype=torch.long)
+        elif key.endswith("running_var"):
+            state[key] = 0.5 + torch.rand(shape, generator=g)
+        elif len(shape) >= 2:
+            state[key] = torch.randn(shape, generator=g) / math.sqrt(math.prod(shape[1:]))
+        else:
+            state[key] = 0.5 * torch.randn(shape, generator=g)
+    return state
+
+
+def _authors_file(tmp_path, name, edit=None):
+    """The weights saved as the authors' main.py does: DDP keys under 'model', plus their resume entries."""
+    meta, ref = _authors_fixture(name)
+    state = _authors_weights(meta)
+    if edit is not None:
+        edit(state)
+    path = str(tmp_path / f"taskdiffusion_{name}.pth.tar")
+    torch.save({"model": {"module." + k: v for k, v in state.items()}, "optimizer": {"state": {}}, "epoch": 3,
+                "iter_count": 39_999}, path)
+    return path, meta, ref
+
+
+def _our_targets(ref, tasks):
+    """Their (B, c, H, W) label maps -> ours: (B, H, W) for one-channel maps, class maps as int64."""
+    out = {}
+    for t in tasks:
+        y = torch.from_numpy(ref[f"target_{t}"])
+        out[t] = y if t == "normals" else y[:, 0].long() if t in ("semseg", "human_parts") else y[:, 0]
+    return out
+
+
+@pytest.mark.parametrize("name", ["pascal", "nyud"])
+def test_authors_checkpoint_reproduces_their_outputs(tmp_path, capsys, name):
+    path, meta, ref = _authors_file(tmp_path, name)
+    # the fixture's bit scale is 1 (theirs 0.01) so that the labels visibly steer the outputs; a flag, not a weight
+    args = td.parse_args(["--eval-only", "--ckpt", path, "--image-size", "16", "24", "--scale", str(meta["scale"])])
+    model, targs, _, _ = td.model_for_eval(args)  # what --eval-only runs: format detection, key map, strict load
+    log = capsys.readouterr().out.strip().splitlines()
+    assert len(log) == 2 and "the authors' checkpoint format" in log[0]
+    assert "optimizer, epoch, iter_count" in log[1]  # their resume entries are skipped, and said so
+    assert (targs.dataset, targs.backbone, targs.embed_dim, targs.tasks, targs.image_size) == \
+        (name, "vit-tiny", 16, meta["tasks"], (16, 24))  # all read off the weights but the image size
+    assert targs.num_eval == 0 and targs.sampling_steps == 3  # the data set's defaults: every image, 3 steps
+    model.eval()
+    image, z = torch.from_numpy(ref["image"]), torch.from_numpy(ref["z"])
+    logits, _ = td.ddim_sample(model, image, steps=3, z=z)  # their 3-step sampler from the same z_T
+    for t in meta["tasks"]:
+        torch.testing.assert_close(logits[t], torch.from_numpy(ref[f"infer_{t}"]), atol=1e-5, rtol=1e-5)
+    targets = _our_targets(ref, meta["tasks"])
+    with torch.no_grad():  # one training forward at their fixed t and noise (eval mode: BatchNorm statistics)
+        logits, aux = model(image, targets, t=torch.tensor(meta["t"]), noise=torch.from_numpy(ref["noise"]))
+    for t in meta["tasks"]:
+        torch.testing.assert_close(logits[t], torch.from_numpy(ref[f"train_{t}"]), atol=1e-5, rtol=1e-5)
+    spec = td.DATASETS[name]
+    total, losses = td.multitask_loss(logits, targets, spec["weights"], spec["edge_pos_weight"])
+    aux_total, aux_losses = td.multitask_loss(aux, targets, spec["weights"], spec["edge_pos_weight"])
+    for t in meta["tasks"]:  # their criterion (losses/loss_functions.py) on their outputs
+        assert losses[t].item() == pytest.approx(meta["losses"][f"loss_{t}"], rel=1e-5)
+        assert aux_losses[t].item() == pytest.approx(meta["losses"][f"aux_loss_{t}"], rel=1e-5)
+    total = total + meta["aux_weight"] * aux_total
+    assert total.item() == pytest.approx(meta["losses"]["total"], rel=1e-5)
+
+
+def _expect_one_line_error(capsys, argv, *fragments):
+    with pytest.raises(SystemExit) as exit_info:
+        td.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and err.startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+
+
+def test_authors_checkpoint_errors_are_one_line(tmp_path, capsys):
+    small = ["--image-size", "16", "24"]
+    path, meta, _ = _authors_file(tmp_path, "pascal")
+    with open(path, "rb") as f:
+        data = f.read()
+    truncated = str(tmp_path / "truncated.pth")
+    with open(truncated, "wb") as f:
+        f.write(data[: len(data) // 2])
+    _expect_one_line_error(capsys, ["--eval-only", "--ckpt", truncated, *small], truncated, "truncated")
+    unknown = str(tmp_path / "unknown.pth")
+    torch.save({"weights": {"a": torch.zeros(1)}}, unknown)
+    _expect_one_line_error(capsys, ["--eval-only", "--ckpt", unknown, *small], unknown, "no known format")
+    # ViT-tiny weights with another backbone, or at a patch grid they were not trained on
+    _expect_one_line_error(capsys, ["--eval-only", "--ckpt", path, "--backbone", "vit-b", "--image-size", "32"],
+                           path, "backbone vit-tiny", "--backbone is vit-b")
+    _expect_one_line_error(capsys, ["--eval-only", "--ckpt", path, "--image-size", "16"], path, "6 patches")
+    _expect_one_line_error(capsys, ["--eval-only", "--ckpt", path, "--embed-dim", "32", *small], "C = 16")
+
+    def add(state):
+        state["heads.fpn_encoder.extra.weight"] = torch.zeros(3)
+
+    def drop(state):
+        del state["heads.embed_all.bias"]
+
+    def reshape(state):
+        state["heads.transforms.conv_transforms.2.weight"] = torch.zeros(16, 7, 1, 1)
+
+    for edit, fragments in [(add, ["1 left over", "heads.fpn_encoder.extra.weight"]),
+                            (drop, ["1 missing", "label_encoder.fuse.bias"]),
+                            (reshape, ["size mismatch", "decoder.inputs.2.weight (16, 7, 1, 1)"])]:
+        (tmp_path / edit.__name__).mkdir()
+        bad, _, _ = _authors_file(tmp_path / edit.__name__, "pascal", edit)
+        _expect_one_line_error(capsys, ["--eval-only", "--ckpt", bad, *small], bad, *fragments)
+    _expect_one_line_error(capsys, ["--eval-only", "--ckpt", path, *small], path, "--data-root")  # loads, no data
+
+
+#################################################################################
+#          Input pipeline in the training loop: loader keys, normalisation       #
+#################################################################################
+
+class _KeyEcho(torch.utils.data.Dataset):
+    """Stands in for an augmenting PASCAL / NYUD set: each item is its (index, step) key."""
+    augment = True
+
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, key):
+        return torch.tensor(key)
+
+
+def test_augmenting_loader_resumes_exactly_with_step_keys():
+    cpu = torch.device("cpu")
+    straight = td.training_loader(_KeyEcho(), 2, 1, 2, 7, 0, 0, cpu)  # rank 1 of 2, batch 2 per rank
+    batches = [next(straight) for _ in range(9)]  # more than one epoch (3 global batches of 4)
+    resumed = td.training_loader(_KeyEcho(), 2, 1, 2, 7, 5, 0, cpu)
+    for step in range(5, 9):
+        assert torch.equal(next(resumed), batches[step])  # the same items and the same augmentation keys
+    for step, batch in enumerate(batches):
+        assert batch[:, 1].tolist() == [step, step]  # the key carries the training step
+    epoch = torch.cat([b[:, 0] for b in batches[:3]])
+    assert len(set(epoch.tolist())) == 6  # rank 1 sees half of each permutation, no repeats within an epoch
+
+
+def test_sal_reencoding_threshold_is_0_85():
+    p = torch.tensor([0.80, 0.84, 0.86, 0.95]).view(1, 4, 1)  # softmax[:, 1] of each pixel
+    logits = torch.stack([torch.zeros_like(p), torch.log(p / (1 - p))], 1)  # 2-class logits with that softmax
+    assert td.reencode_predictions({"sal": logits}, {"sal": 2})["sal"].flatten().tolist() == [0, 0, 1, 1]
+
+
+def test_synthetic_images_are_standardised_like_pascal():
+    args = _args("--num-eval", "2")
+    item, raw = td.create_dense_dataset(args, "val")[0], SyntheticShapes(2, 32, seed=1, dense=True)[0]
+    x01 = (raw["image"] + 1) / 2  # the synthetic set renders in [-1, 1]
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    torch.testing.assert_close(item["image"], (x01 - mean) / std)
+    assert torch.equal(item["semseg"], raw["semseg"])
+    torch.testing.assert_close(td.denormalize_tensor(item["image"]), raw["image"])  # back to [-1, 1] for pictures
+
+
+def test_a_stop_signal_ends_main_without_the_baseline_or_an_evaluation(tmp_path, monkeypatch):
+    real = td.end_of_step
+
+    def stop_after_first(run, args, step, *rest, **kw):  # as if SIGTERM arrived during step 1
+        run.stop_requested = True  # what TrainingRun's signal handler sets
+        return real(run, args, step, *rest, **kw)
+
+    monkeypatch.setattr(td, "end_of_step", stop_after_first)
+    out = td.main([*SMALL, "--steps", "3", "--global-batch-size", "2", "--num-eval", "2", "--results-dir",
+                   str(tmp_path)])
+    assert out is None and os.listdir(tmp_path) == ["000-taskdiffusion-synthetic-vit-tiny-cross-task"]
+    run_dir = tmp_path / "000-taskdiffusion-synthetic-vit-tiny-cross-task"
+    assert os.listdir(run_dir / "checkpoints") == ["0000001.pt"] and not (run_dir / "results.txt").exists()

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from common.safetensors_io import save_safetensors
-from common.vit import VisionTransformer, resize_pos_embed, vit_base_patch16, vit_large_patch16
+from common.vit import Block, VisionTransformer, drop_path, resize_pos_embed, vit_base_patch16, vit_large_patch16
 
 
 def tiny_vit(**kw):
@@ -205,6 +205,47 @@ def test_bad_inputs_raise_clear_errors():
         model.forward_features(torch.randn(1, 3, 32, 32), layers=(0, 2))
     with pytest.raises(ValueError, match="divisible"):
         model.forward_features(torch.randn(1, 3, 40, 32))
+
+
+#################################################################################
+#                          Stochastic depth (drop path)                         #
+#################################################################################
+
+def test_drop_path_rates_are_linear_per_block_and_eval_is_identity():
+    model = tiny_vit(drop_path_rate=0.15)
+    # timm / TaskDiffusion_baseline.py: torch.linspace(0, 0.15, 4) = 0, 0.05, 0.10, 0.15 (first block never drops)
+    assert [b.drop_path_rate for b in model.blocks] == pytest.approx([0.0, 0.05, 0.10, 0.15])
+    plain = tiny_vit()
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(model.eval().forward_features(x), plain.forward_features(x)))
+        torch.manual_seed(0)
+        trained = model.train().forward_features(x)  # train mode does drop: some sample's features change
+        assert not torch.equal(trained[-1], plain.eval().forward_features(x)[-1])
+    with pytest.raises(ValueError, match="drop_path_rate"):
+        tiny_vit(drop_path_rate=1.0)
+
+
+def test_drop_path_keeps_the_expected_value():
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 4).expand(40_000, 3, 4)
+    out = drop_path(x, 0.3, training=True)
+    dropped = (out == 0).flatten(1).all(1)
+    assert abs(dropped.float().mean().item() - 0.3) < 0.01  # whole samples are dropped, at the given rate
+    torch.testing.assert_close(out[~dropped], x[~dropped] / 0.7)  # the kept ones are scaled by 1 / keep
+    torch.testing.assert_close(out.mean(0), x[0], atol=0.02, rtol=0)  # E[drop_path(x)] = x (Monte-Carlo)
+    # Block wiring: with the MLP branch silenced, E[block(x)] = x + attn(norm1(x)) = the eval output
+    block = Block(4, 2, drop_path_rate=0.5)
+    torch.nn.init.zeros_(block.mlp.fc2.weight)
+    torch.nn.init.zeros_(block.mlp.fc2.bias)
+    tokens = torch.randn(1, 3, 4).expand(40_000, 3, 4)
+    with torch.no_grad():
+        expected = block.eval()(tokens[:1])[0]
+        samples = block.train()(tokens)
+    torch.testing.assert_close(samples.mean(0), expected, atol=0.03, rtol=0)
+    assert (samples - samples[0]).abs().max() > 0.1  # and single samples do differ
 
 
 #################################################################################

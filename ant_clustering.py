@@ -34,9 +34,10 @@ from common.builders import (add_model_data_args, add_sampling_args, create_data
                              fixed_batch, model_from_checkpoint, sample_checkpoint, sample_grid_writer, sample_main,
                              start_training, training_batch)
 from common.diffusion import create_diffusion, min_snr_weight, p2_weight, snr
-from common.train_utils import (add_run_args, one_line_errors, all_reduce_mean, all_reduce_mean_, autocast, cleanup_distributed,
+from common.train_utils import (add_run_args, all_reduce_mean, all_reduce_mean_, autocast, cleanup_distributed,
                                 end_of_step, fail, finish_training, infinite_loader, init_distributed, load_checkpoint,
-                                load_model_state, make_ema, resume_training, run_dir_of, update_ema, wrap_ddp)
+                                load_model_state, make_ema, one_line_errors, resume_training, run_dir_of, update_ema,
+                                wrap_ddp)
 
 
 #################################################################################

@@ -28,9 +28,9 @@ from common.builders import (add_model_data_args, add_sampling_args, create_data
                              training_batch)
 from common.diffusion import create_diffusion
 from common.dit import DiT
-from common.train_utils import (add_run_args, one_line_errors, all_reduce_mean, all_reduce_mean_, autocast, cleanup_distributed,
+from common.train_utils import (add_run_args, all_reduce_mean, all_reduce_mean_, autocast, cleanup_distributed,
                                 end_of_step, fail, finish_training, infinite_loader, init_distributed, make_ema,
-                                resume_training, run_dir_of, update_ema, wrap_ddp)
+                                one_line_errors, resume_training, run_dir_of, update_ema, wrap_ddp)
 from common.unet import AttentionBlock, ResBlock
 
 #################################################################################

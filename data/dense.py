@@ -150,6 +150,7 @@ _KEY_RULES = {
     "image": (0.0, "linear"), "normals": (0.0, "linear"), "depth": (0.0, "linear"),
     "semseg": (IGNORE_INDEX, "nearest"), "human_parts": (IGNORE_INDEX, "nearest"),
     "sal": (IGNORE_INDEX, "nearest"), "edge": (IGNORE_INDEX, "nearest"),
+    "edge_segments": (-1, "nearest"),  # Context label ids reach 459: padding is -1, not 255
 }
 
 
@@ -212,7 +213,7 @@ def _add_ignore_regions(sample):
 def _to_tensors(sample, name):
     """numpy (H, W[, C]) maps -> torch tensors with the dtypes of the synthetic dense set."""
     out = {"image": torch.from_numpy(sample["image"].transpose(2, 0, 1).copy())}
-    for key in ("semseg", "human_parts"):
+    for key in ("semseg", "human_parts", "edge_segments"):
         if key in sample:
             out[key] = torch.from_numpy(sample[key].astype(np.int64))
     for key in ("sal", "edge", "depth"):
@@ -519,6 +520,8 @@ class PascalContext(_DenseDataset):
             sample["normals"] = np.where(valid[..., None], normals, 0.0).astype(np.float32)
         if "edge" in self.tasks:
             sample["edge"] = _edge_from_label_map(label_map)
+            if not self.augment:  # what SEISM scores PASCAL boundaries against: seg2bmap of the LabelMap
+                sample["edge_segments"] = label_map.astype(np.int64)
         for key, array in sample.items():
             if array.shape[:2] != shape:
                 raise ValueError(f"PascalContext: '{key}' of {image_id} is {array.shape[:2]}, image is {shape}")

@@ -105,6 +105,10 @@ def test_pascal_shapes_dtypes_and_padding(pascal_root):
                                torch.from_numpy(expected), atol=1e-5, rtol=0)
     semseg = item["semseg"][inside]
     assert semseg[0, 0] == 255 and torch.all(semseg[1:, : W // 2] == 0) and torch.all(semseg[:, W // 2:] == 15)
+    # the LabelMap itself rides along for SEISM's boundary GT (seg2bmap of it), padded with -1 (ids reach 459)
+    segments = item["edge_segments"]
+    assert segments.dtype == torch.int64 and torch.all(segments[pad] == -1)
+    assert torch.all(segments[inside][:, : W // 2] == 284) and torch.all(segments[inside][:, W // 2:] == 2)
 
 
 def test_pascal_label_conventions(pascal_root):

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import task_diffusion as td
+from test_dense_data import pascal_root  # noqa: F401 (a fixture: the fake PASCAL-Context tree)
 from data.synthetic import SyntheticShapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -527,3 +528,23 @@ def test_a_stop_signal_ends_main_without_the_baseline_or_an_evaluation(tmp_path,
     assert out is None and os.listdir(tmp_path) == ["000-taskdiffusion-synthetic-vit-tiny-cross-task"]
     run_dir = tmp_path / "000-taskdiffusion-synthetic-vit-tiny-cross-task"
     assert os.listdir(run_dir / "checkpoints") == ["0000001.pt"] and not (run_dir / "results.txt").exists()
+
+
+def test_pascal_boundaries_are_scored_against_the_label_map_as_seism(pascal_root, monkeypatch):
+    """SEISM's PASCAL-Context boundary GT is seg2bmap(LabelMap): evaluate gives EdgeMeter the label map (padding
+    marked invalid) with gt_format="segmentation", not the dataset's Laplacian edge maps."""
+    root = pascal_root
+    seen = []
+
+    class Recorder(td.EdgeMeter):
+        def update(self, pred_prob, gt, valid=None):
+            seen.append((self.gt_format, gt.clone(), None if valid is None else valid.clone()))
+            return super().update(pred_prob, gt, valid)
+    monkeypatch.setattr(td, "EdgeMeter", Recorder)
+    args = td.parse_args(["--dataset", "pascal", "--data-root", str(root), "--backbone", "vit-tiny",
+                          "--image-size", "32", "--embed-dim", "32", "--eval-workers", "0", "--num-workers", "0"])
+    results = td.evaluate(td.build_model(args), args, torch.device("cpu"))
+    assert 0 <= results["edge"] <= 100 and seen
+    fmt, gt, valid = seen[0]
+    assert fmt == "segmentation" and gt.dtype == torch.int64 and set(gt[valid].unique().tolist()) == {2, 284}
+    assert not valid.all()  # the padding is excluded

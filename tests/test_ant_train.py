@@ -357,3 +357,13 @@ def test_torchrun_two_processes_pcgrad_stay_in_sync(tmp_path, run_script):
     log = open(os.path.join(run_dir, "log.txt")).read()
     assert "world size 2, batch 4/rank" in log and "replicas in sync: True" in log
     assert len(read_metrics(run_dir)) == 3
+
+
+def test_one_class_trains_and_samples_unconditionally(tmp_path, capsys):
+    """As dtr.py (shared plumbing): a 1-row label table, no label dropout, no guidance at sampling."""
+    run_dir = ant.main(run_args(tmp_path, 1, ["--num-classes", "1"]))
+    ckpt = torch.load(latest_checkpoint(run_dir), map_location="cpu", weights_only=False)
+    assert ckpt["args"]["unconditional"] and ckpt["ema"]["y_embedder.embedding_table.weight"].shape[0] == 1
+    path = ant.main(["--sample-only", "--ckpt", latest_checkpoint(run_dir), "--num-samples", "2",
+                     "--num-sampling-steps", "2"])
+    assert "cfg1.0" in path

@@ -30,14 +30,16 @@ from scipy.optimize import minimize
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from common.builders import (add_model_data_args, add_sampling_args, create_dataset, create_model, finish_args,
-                             fixed_batch, model_from_checkpoint, sample_checkpoint, sample_grid_writer, sample_main,
-                             start_training, training_batch)
+from common.checkpoint_formats import model_from_checkpoint
+from common.class_conditional_cli import (add_model_data_args, add_sampling_args, finish_args, sample_checkpoint,
+                                          sample_grid_writer, sample_main, start_training)
 from common.diffusion import create_diffusion, min_snr_weight, p2_weight, snr
+from common.named_models import create_model
 from common.train_utils import (add_run_args, all_reduce_mean, all_reduce_mean_, autocast, cleanup_distributed,
                                 end_of_step, fail, finish_training, infinite_loader, init_distributed, load_checkpoint,
                                 load_model_state, make_ema, one_line_errors, resume_training, run_dir_of, update_ema,
                                 wrap_ddp)
+from data.labelled_images import create_dataset, fixed_batch, training_batch
 
 
 #################################################################################
@@ -695,7 +697,8 @@ def run_name(args):
 
 
 def train(args):
-    run, device, batch_size, dataset = start_training(args, run_name(args), "ant_clustering", DEFINING)
+    data = create_dataset(args.data, args.image_size, args.num_classes, args.latent)  # fails before any run folder
+    run, device, batch_size, dataset = start_training(args, run_name(args), "ant_clustering", DEFINING, data)
     (channels, size, _), num_classes, k = args.input_shape, args.num_classes, args.k
     if args.mtl != "none" and batch_size % k:
         fail(f"the per-rank batch {batch_size} is not divisible by --k {k} (stratified batches draw B/k timesteps "

@@ -23,15 +23,17 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ant_clustering import ClusterLoss, UncertaintyWeighting, mse_weight, uniform_intervals
-from common.builders import (add_model_data_args, add_sampling_args, create_dataset, create_model, finish_args,
-                             fixed_batch, model_from_checkpoint, sample_grid_writer, sample_main, start_training,
-                             training_batch)
+from common.checkpoint_formats import model_from_checkpoint
+from common.class_conditional_cli import (add_model_data_args, add_sampling_args, finish_args, sample_grid_writer,
+                                          sample_main, start_training)
 from common.diffusion import create_diffusion
 from common.dit import DiT
+from common.named_models import create_model
 from common.train_utils import (add_run_args, all_reduce_mean, all_reduce_mean_, autocast, cleanup_distributed,
                                 end_of_step, fail, finish_training, infinite_loader, init_distributed, make_ema,
                                 one_line_errors, resume_training, run_dir_of, update_ema, wrap_ddp)
 from common.unet import AttentionBlock, ResBlock
+from data.labelled_images import create_dataset, fixed_batch, training_batch
 
 #################################################################################
 #                      Routing masks (Sec. 4.2, Eq. 4)                          #
@@ -206,7 +208,8 @@ def run_name(args):
 
 
 def train(args):
-    run, device, batch_size, dataset = start_training(args, run_name(args), "dtr", DEFINING)
+    data = create_dataset(args.data, args.image_size, args.num_classes, args.latent)  # fails before any run folder
+    run, device, batch_size, dataset = start_training(args, run_name(args), "dtr", DEFINING, data)
     if args.loss_weight == "ant-uw" and batch_size % args.ant_k:
         fail(f"--loss-weight ant-uw draws B/k timesteps per cluster: the per-rank batch {batch_size} is not "
              f"divisible by --ant-k {args.ant_k}; use a --global-batch-size that is a multiple of "

@@ -7,7 +7,8 @@
   dtr   byeongjun-park/DTR train.py: {"model", "ema", "opt", "config": DictConfig[, "uw"]}; official DiT keys plus
         a persistent `blocks.{i}.routing._unit_mapping` (T, C) routing mask per block
 What the weights say (model size, classes, learn_sigma, input size) is read off them here; what they cannot say
-(noise schedule, VAE, sampler) comes from the caller's flags and presets.
+(noise schedule, VAE, sampler) comes from the caller's flags and presets. `model_from_checkpoint` turns a file in
+any of these layouts into the EMA model and its training settings.
 """
 import argparse
 import re
@@ -15,6 +16,8 @@ import re
 import torch
 
 from common.checkpoint_io import plain_data
+from common.named_models import create_model
+from common.train_utils import fail, load_checkpoint, load_model_state
 
 FORMATS = ("ours", "dit", "ant", "dtr")
 ROUTING_BUFFER = re.compile(r"blocks\.(\d+)\.routing\._unit_mapping")
@@ -113,3 +116,61 @@ def format_defaults(fmt, spec, settings):
         schedule = settings.get("config.general.schedule_name", "cosine")
         return dict(noise_schedule={"squaredcos_cap_v2": "cosine"}.get(schedule, schedule), vae_scale=SD_SCALE)
     raise ValueError(f"no defaults for checkpoint layout {fmt!r}")
+
+
+#################################################################################
+#                    A model from a checkpoint in any layout                    #
+#################################################################################
+
+def model_from_checkpoint(ckpt_path, device, args, script, prepare=None):
+    """(EMA model in eval mode, its training settings, step) of --ckpt in any layout of common/checkpoint_formats
+    (ours, official DiT, ANT, DTR), converted in memory; one log line says which layout was read.
+    prepare(model, targs, masks) adds what `script` builds on the plain model (DTR routing) before the weights are
+    loaded; masks are the routing masks a DTR-layout file stores (else None). A checkpoint of another of our
+    scripts is refused: its model is not the one this script builds."""
+    ckpt = load_checkpoint(ckpt_path)
+    fmt = detect_format(ckpt)
+    if fmt is None:
+        fail(f"{ckpt_path} is in no known checkpoint layout: expected one of ours (dtr.py / ant_clustering.py), "
+             f"an official DiT state dict, or ANT / DTR weights with an 'ema' entry")
+    masks = None
+    if fmt == "ours":
+        targs, state, step = argparse.Namespace(**ckpt["args"]), ckpt["ema"], ckpt["step"]
+        producer = ckpt.get("script")
+        if producer is not None and producer != script:
+            fail(f"{ckpt_path} was trained by {producer}.py, not {script}.py: sample or evaluate it with "
+                 f"`python {producer}.py --sample-only --ckpt {ckpt_path}`")
+        targs.format, targs.learn_sigma = "ours", getattr(targs, "learn_sigma", True)
+        targs.unconditional = getattr(targs, "unconditional", targs.num_classes == 1)
+        print(f"read {ckpt_path}: our {producer or script}.py checkpoint at step {step}")
+    else:
+        state, masks = split_routing_masks(ema_state_dict(ckpt, fmt))
+        try:
+            spec = dit_spec_from_weights(state)
+        except ValueError as e:
+            fail(f"{ckpt_path}: {e}")
+        targs = foreign_training_args(spec, fmt, authors_settings(ckpt), args)
+        step = 0
+        print(f"read {ckpt_path}: {fmt} layout ({'official DiT' if fmt == 'dit' else fmt.upper() + ' authors'}), "
+              f"{spec['model']} at {spec['input_size']}x{spec['input_size']}x{spec['in_channels']}, "
+              f"{'unconditional' if targs.unconditional else f'{targs.num_classes} classes'}, "
+              f"{targs.noise_schedule} schedule, latent scale {targs.vae_scale}")
+    (channels, size, _), num_classes = targs.input_shape, targs.num_classes
+    model = create_model(targs.model, size, channels, num_classes, learn_sigma=targs.learn_sigma)
+    if prepare is not None:
+        prepare(model, targs, masks)
+    load_model_state(model, state, ckpt_path)
+    return model.to(device).eval(), targs, step
+
+
+def foreign_training_args(spec, fmt, settings, args):
+    """Training settings of an authors' checkpoint: the model read off its weights, the schedule and latent scale
+    from the command line, else what its authors used (checkpoint_formats.format_defaults)."""
+    defaults = format_defaults(fmt, spec, settings)
+    size = spec["input_size"]
+    return argparse.Namespace(
+        model=spec["model"], input_shape=[spec["in_channels"], size, size], num_classes=spec["num_classes"],
+        learn_sigma=spec["learn_sigma"], unconditional=spec["num_classes"] == 1,
+        noise_schedule=args.noise_schedule or defaults["noise_schedule"],
+        latent=spec["in_channels"] == 4, vae_scale=args.vae_scale or defaults["vae_scale"],
+        format=fmt, settings=settings)

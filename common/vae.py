@@ -5,14 +5,17 @@ Module and parameter names follow diffusers (huggingface/diffusers `models/autoe
 diffusers' AutoencoderKL keys. `from_pretrained_file` also reads the deprecated diffusers attention names and
 the original CompVis/LDM checkpoint layout (mapping as in diffusers' `convert_ldm_vae_checkpoint`).
 """
+import json
 import os
 import re
+import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from common.safetensors_io import load_safetensors
+from common.train_utils import fail
 
 SCALE_FACTOR = 0.18215  # SD v1 latent scaling (diffusers config `scaling_factor`)
 GROUP_NORM_EPS = 1e-6  # diffusers Encoder/Decoder pass resnet_eps=1e-6 everywhere
@@ -347,3 +350,39 @@ def _ldm_key_to_diffusers(key, num_levels):
     for pattern, replacement in rules:
         key = re.sub(r"^" + pattern, replacement, key)
     return key.replace(".nin_shortcut.", ".conv_shortcut.")
+
+
+#################################################################################
+#                 Loading a local weight file (one-line errors)                 #
+#################################################################################
+
+def vae_config_scale(path):
+    """`scaling_factor` of the diffusers config.json next to a VAE weight file (SD: 0.18215, SDXL: 0.13025), or
+    None when there is no config beside it."""
+    config = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
+    if not os.path.isfile(config):
+        return None
+    try:
+        with open(config) as f:
+            value = json.load(f).get("scaling_factor")
+    except (OSError, ValueError, AttributeError):
+        fail(f"{config} (next to the VAE weights) is not a readable diffusers config; fix or remove it")
+    return None if value is None else float(value)
+
+
+def load_vae(path, device, scale=None):
+    """The frozen SD VAE (common/vae.py) from a local weight file, for encoding/decoding latents; one-line errors.
+    Its latent scale: `scale` if given, else the config.json beside the file, else SD's 0.18215."""
+    if not path or not os.path.isfile(path):
+        fail(f"no VAE weights at {path!r}; pass --vae PATH to a local sd-vae-ft-ema / sd-vae-ft-mse / sdxl-vae file "
+             f"(diffusers diffusion_pytorch_model.safetensors / .bin, or an LDM .ckpt)")
+    try:
+        vae = AutoencoderKL.from_pretrained_file(path)  # architecture read off the weights
+    except ValueError as e:
+        fail(str(e))
+    configured = vae_config_scale(path)
+    vae.scaling_factor = scale if scale is not None else configured if configured is not None else SCALE_FACTOR
+    if configured is not None and abs(configured - vae.scaling_factor) > 1e-9:
+        print(f"warning: {path}'s config.json says scaling_factor {configured}, using {vae.scaling_factor} "
+              f"(the scale the latents were made with)", file=sys.stderr)
+    return vae.to(device).eval().requires_grad_(False)

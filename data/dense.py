@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage
 
-from eval.dense_metrics import thin
+from common.morphology import thin
 
 IGNORE_INDEX = 255
 

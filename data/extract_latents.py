@@ -23,8 +23,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from common.builders import load_vae
 from common.train_utils import autocast, cleanup_distributed, fail, init_distributed
+from common.vae import load_vae
 from data.latents import ARRAY_KEYS, atomic_write, save_shard, write_manifest
 
 SETTINGS_FILE = "extraction.json"  # the settings of the first run: a rerun must match them to reuse its shards

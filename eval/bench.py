@@ -29,8 +29,8 @@ import torch.nn.functional as F
 import ant_clustering as ant
 import dtr
 import task_diffusion as td
-from common.builders import create_model
 from common.diffusion import create_diffusion
+from common.named_models import create_model
 from common.train_utils import autocast, fail
 
 # Dense bf16 tensor-core peak (TFLOP/s) per GPU name, from NVIDIA's data sheets; --peak-tflops overrides.

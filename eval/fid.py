@@ -19,7 +19,6 @@ with a one-line error and exit status 2.
 """
 import argparse
 import os
-import tempfile
 import zipfile
 import zlib
 
@@ -29,6 +28,7 @@ from PIL import Image
 from scipy import linalg
 from tqdm import tqdm
 
+from common.adm_npz import atomic_savez, check_images, save_adm_npz  # noqa: F401 (the writer of what this reads)
 from common.train_utils import fail
 
 IMAGE_EXTENSIONS = {"bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp"}  # pytorch-fid's list
@@ -199,40 +199,6 @@ class InputError(ValueError):
     """A sample / reference input that cannot be used as given; the command line prints it as one line."""
 
 
-def _check_images(images, what):
-    if (not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3
-            or images.shape[0] == 0):
-        shape = getattr(images, "shape", None)
-        dtype = getattr(images, "dtype", type(images).__name__)
-        raise ValueError(f"{what} must be a non-empty uint8 array of shape (N, H, W, 3), got {dtype} {shape}; convert "
-                         f"with ((x + 1) * 127.5).round().clip(0, 255).astype(np.uint8) and NCHW -> NHWC")
-
-
-def _atomic_savez(path, **arrays):
-    """np.savez to a temp file in the target folder, then rename: readers never see a half-written file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(suffix=".npz.tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:  # a file object: np.savez then adds no suffix of its own
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)  # atomic on POSIX
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
-
-
-def save_adm_npz(path, images_uint8_nhwc):
-    """Write images to an ADM sample file (key `arr_0`, uint8 NHWC) atomically (temp file + rename)."""
-    if not str(path).endswith(".npz"):
-        raise ValueError(f"ADM sample files end in .npz, got {path!r}")
-    _check_images(images_uint8_nhwc, "images")
-    _atomic_savez(path, arr_0=images_uint8_nhwc)
-
-
 # What a damaged zip / .npy member raises while being opened or read (zlib.error: a corrupt deflate stream).
 _READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError)
 
@@ -352,7 +318,7 @@ def save_statistics(path, mu, sigma, mu_s=None, sigma_s=None):
     arrays = dict(mu=mu, sigma=sigma)
     if mu_s is not None:
         arrays.update(mu_s=mu_s, sigma_s=sigma_s)
-    _atomic_savez(path, **arrays)
+    atomic_savez(path, **arrays)
 
 
 STORED_KEYS = {"pool": ("mu", "sigma"), "spatial": ("mu_s", "sigma_s")}  # ADM evaluator.py read_statistics
@@ -381,7 +347,7 @@ class _ArrayImages:
     """An in-memory uint8 NHWC array behind the same interface as NpzImages."""
 
     def __init__(self, images):
-        _check_images(images, "source array")
+        check_images(images, "source array")
         self.images, self.num_images = images, len(images)
 
     def batches(self, batch_size):

@@ -10,7 +10,6 @@ on a CPU, and is cached in the run's results folder.
 """
 import os
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

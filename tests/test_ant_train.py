@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import ant_clustering as ant
-from common.builders import sample_images
 from common.dit import DiT
+from common.sampling import sample_images
 from common.train_utils import latest_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -270,7 +270,8 @@ def test_gradient_clustering_measures_affinity_on_the_synthetic_set(tmp_path):
                          "--proj-dim", "0", "--k", "2"])
     assert measured.shape == (1000, 1000)
     # = the exact affinity of the checkpoint's training weights (not its EMA) on the first 4 images, by hand
-    from common.builders import create_dataset, create_model, fixed_batch
+    from common.named_models import create_model
+    from data.labelled_images import create_dataset, fixed_batch
     from common.diffusion import create_diffusion
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     model = create_model("DiT-Ti/4", 16, 3, 4)
@@ -322,7 +323,9 @@ def test_ntg_command_writes_both_sample_sets(tmp_path):
     first, switched = (np.load(p)["arr_0"] for p in paths)
     assert first.shape == switched.shape == (3, 16, 16, 3) and not np.array_equal(first, switched)
     # the same noise and labels through a generalist / specialist switch built by hand (Eq. 3's sampler)
-    from common.builders import create_model, sample_images, to_uint8
+    from common.adm_npz import to_uint8
+    from common.named_models import create_model
+    from common.sampling import sample_images
     models = []
     for path in (generalist, specialist):
         m = create_model("DiT-Ti/4", 16, 3, 4)

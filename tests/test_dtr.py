@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import dtr
-from common.builders import create_model
-from common.dit import DiT
 from common.diffusion import create_diffusion
+from common.dit import DiT
+from common.named_models import create_model
 from common.train_utils import latest_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -204,7 +204,8 @@ def test_sample_only_writes_adm_npz(tmp_path):
     assert os.path.exists(os.path.join(os.path.dirname(path), "samples.png"))
     assert os.path.exists(dtr.main(["--cka", "--ckpt", latest_checkpoint(run_dir)]))
     # = the EMA weights with the DTR routing rebuilt, sampled by hand with the same draws (and not without routing)
-    from common.builders import sample_images, to_uint8
+    from common.adm_npz import to_uint8
+    from common.sampling import sample_images
     ema = _final_weights(run_dir)["ema"]
     expected = []
     for routing in ("dtr", "none"):

@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from common.builders import create_dataset, prepare_batch
 from common.safetensors_io import save_safetensors
 from common.vae import AutoencoderKL
 from data.extract_latents import main as extract_main
 from data.extract_latents import shard_bounds, shards_of_rank
+from data.labelled_images import create_dataset, prepare_batch
 from data.latents import LatentDataset
 from data.synthetic import SyntheticShapes
 
@@ -213,7 +213,9 @@ def test_extract_train_sample_decode_end_to_end(tmp_path, run_script):
     assert (sample_dir / "samples.png").is_file()
     # the checkpoint trained at the manifest's scale, and sampling decodes at it: redo the draws by hand
     import dtr
-    from common.builders import create_model, sample_images, to_uint8
+    from common.adm_npz import to_uint8
+    from common.named_models import create_model
+    from common.sampling import sample_images
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     assert state["args"]["vae_scale"] == 0.13025
     model = dtr.add_task_routing(create_model("DiT-S/2", 8, 4, 4), "dtr")
@@ -231,7 +233,7 @@ def test_extract_train_sample_decode_end_to_end(tmp_path, run_script):
 def test_training_batches_use_the_latent_scale_of_the_run(tmp_path, small_vae):
     """The manifest's (or --vae-scale's) factor multiplies the stored posterior draws (was always 0.18215)."""
     import argparse
-    from common.builders import training_batch
+    from data.labelled_images import training_batch
     from common.train_utils import infinite_loader
     _, vae_path = small_vae
     extract(tmp_path / "lat", vae_path)

@@ -13,8 +13,11 @@ import torch
 
 import ant_clustering as ant
 import dtr
-from common.builders import model_from_checkpoint, sample_images, to_uint8, load_vae
+from common.adm_npz import to_uint8
+from common.checkpoint_formats import model_from_checkpoint
 from common.dit import DiT_models
+from common.sampling import sample_images
+from common.vae import load_vae
 from test_latent_pipeline import write_random_vae
 
 T = 1000

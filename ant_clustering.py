@@ -35,10 +35,10 @@ from common.class_conditional_cli import (add_model_data_args, add_sampling_args
                                           sample_grid_writer, sample_main, start_training)
 from common.diffusion import create_diffusion, min_snr_weight, p2_weight, snr
 from common.named_models import create_model
-from common.train_utils import (add_run_args, all_reduce_mean, all_reduce_mean_, autocast, cleanup_distributed,
-                                end_of_step, fail, finish_training, infinite_loader, init_distributed, load_checkpoint,
-                                load_model_state, make_ema, one_line_errors, resume_training, run_dir_of, update_ema,
-                                wrap_ddp)
+from common.training_run import (add_run_args, all_reduce_mean, all_reduce_mean_, autocast, cleanup_distributed,
+                                 end_of_step, fail, finish_training, infinite_loader, init_distributed, load_checkpoint,
+                                 load_model_state, make_ema, one_line_errors, resume_training, run_dir_of, update_ema,
+                                 wrap_ddp)
 from data.labelled_images import create_dataset, fixed_batch, training_batch
 
 

@@ -29,9 +29,9 @@ from common.class_conditional_cli import (add_model_data_args, add_sampling_args
 from common.diffusion import create_diffusion
 from common.dit import DiT
 from common.named_models import create_model
-from common.train_utils import (add_run_args, all_reduce_mean, all_reduce_mean_, autocast, cleanup_distributed,
-                                end_of_step, fail, finish_training, infinite_loader, init_distributed, make_ema,
-                                one_line_errors, resume_training, run_dir_of, update_ema, wrap_ddp)
+from common.training_run import (add_run_args, all_reduce_mean, all_reduce_mean_, autocast, cleanup_distributed,
+                                 end_of_step, fail, finish_training, infinite_loader, init_distributed, make_ema,
+                                 one_line_errors, resume_training, run_dir_of, update_ema, wrap_ddp)
 from common.unet import AttentionBlock, ResBlock
 from data.labelled_images import create_dataset, fixed_batch, training_batch
 

@@ -19,10 +19,10 @@ from tqdm.auto import tqdm
 
 from common.diffusion import get_beta_schedule, mean_flat, space_timesteps
 from common.named_models import ADM_CONFIGS, ADM_SMALL
-from common.train_utils import (TrainingRun, add_run_args, all_reduce_mean, autocast, cleanup_distributed, end_of_step,
-                                fail, fill_defaults, finish_training, infinite_loader, init_distributed,
-                                load_checkpoint, load_model_state, make_ema, random_hflip, resume_training,
-                                run_dir_of, save_image_grid, seed_step, update_ema, wrap_ddp)
+from common.training_run import (TrainingRun, add_run_args, all_reduce_mean, autocast, cleanup_distributed, end_of_step,
+                                 fail, fill_defaults, finish_training, infinite_loader, init_distributed,
+                                 load_checkpoint, load_model_state, make_ema, random_hflip, resume_training, run_dir_of,
+                                 save_image_grid, seed_step, update_ema, wrap_ddp)
 from common.unet import EncoderUNetModel, UNetModel
 from common.vae import load_vae
 from data.image_folder import ImageFolder

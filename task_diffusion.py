@@ -32,10 +32,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from common.checkpoint_io import CheckpointError, read_checkpoint, strip_prefix
-from common.train_utils import (ResumableSampler, TrainingRun, add_run_args, all_reduce_mean, autocast,
-                                cleanup_distributed, end_of_step, fail, fill_defaults, finish_training, infinite_loader,
-                                init_distributed, load_model_state, make_ema, one_line_errors, random_hflip,
-                                resume_training, run_dir_of, save_image_grid, seed_step, update_ema, wrap_ddp)
+from common.training_run import (ResumableSampler, TrainingRun, add_run_args, all_reduce_mean, autocast,
+                                 cleanup_distributed, end_of_step, fail, fill_defaults, finish_training,
+                                 infinite_loader, init_distributed, load_model_state, make_ema, one_line_errors,
+                                 random_hflip, resume_training, run_dir_of, save_image_grid, seed_step, update_ema,
+                                 wrap_ddp)
 from common.vit import VisionTransformer, vit_base_patch16, vit_large_patch16
 from data.dense import StepKeyedSampler, denormalize_tensor, normalize_tensor
 from eval.dense_metrics import (DepthMeter, EdgeMeter, NormalsMeter, SaliencyMeter, SegMeter, delta_m,
@@ -532,7 +533,7 @@ def create_dense_dataset(args, split):
 
 
 def training_loader(dataset, batch_size, rank, world_size, seed, start_step, num_workers, device):
-    """Endless, exactly resumable per-rank batches (common.train_utils.infinite_loader); an augmenting data set gets
+    """Endless, exactly resumable per-rank batches (common.training_run.infinite_loader); an augmenting data set gets
     (index, step) keys instead of indices, so its random crops depend on (seed, step, index) only."""
     if not getattr(dataset, "augment", False):
         return infinite_loader(dataset, batch_size, rank, world_size, seed, start_step, num_workers, device)
@@ -626,7 +627,7 @@ def train(args, rank, world_size, device):
         images, targets = to_device(next(loader), tasks, device)
         if args.dataset == "synthetic":  # PASCAL / NYUD are flipped (and scaled, cropped) by the loader
             images, targets = random_flip(images, targets)
-        for group in opt.param_groups:  # poly decay (utils/train_utils.py PolynomialLR), a pure function of step
+        for group in opt.param_groups:  # poly decay (utils/training_run.py PolynomialLR), a pure function of step
             group["lr"] = args.lr * (1 - min(step, args.decay_steps) / args.decay_steps) ** 0.9
         with autocast(device, args.bf16):
             loss, losses = training_loss(ddp, images, targets, args.dataset, args.aux_weight)

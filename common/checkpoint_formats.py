@@ -1,6 +1,6 @@
 """The checkpoint layouts a DiT-based script (dtr.py, ant_clustering.py) may be given, told apart by their keys.
 
-  ours  {"model", "ema", "opt", "args": dict, "step", "script", ...}: common/train_utils.TrainingRun.save
+  ours  {"model", "ema", "opt", "args": dict, "step", "script", ...}: common/training_run.TrainingRun.save
   dit   a bare DiT state dict: facebookresearch/DiT's released `DiT-XL-2-256x256.pt`
   ant   gohyojun15/ANT_diffusion: {"ema", "model"} (lightweight_ckpt.py, the released weights), or a training
         checkpoint {"model", "ema", "opt", "args": Namespace, "config": DictConfig[, "uw"]}; official DiT keys
@@ -17,7 +17,7 @@ import torch
 
 from common.checkpoint_io import plain_data
 from common.named_models import create_model
-from common.train_utils import fail, load_checkpoint, load_model_state
+from common.training_run import fail, load_checkpoint, load_model_state
 
 FORMATS = ("ours", "dit", "ant", "dtr")
 ROUTING_BUFFER = re.compile(r"blocks\.(\d+)\.routing\._unit_mapping")

@@ -9,7 +9,7 @@ from common.adm_npz import QUANTIZERS
 from common.checkpoint_formats import model_from_checkpoint
 from common.named_models import MODEL_NAMES
 from common.sampling import sample_to_npz, write_sample_grid
-from common.train_utils import TrainingRun, cleanup_distributed, fail, init_distributed, run_dir_of
+from common.training_run import TrainingRun, cleanup_distributed, fail, init_distributed, run_dir_of
 from common.vae import load_vae
 
 

@@ -4,7 +4,7 @@ classifier-free guidance (DiT drops labels itself)."""
 import torch
 
 from common.dit import DiT, DiT_models
-from common.train_utils import fail
+from common.training_run import fail
 from common.unet import UNetModel
 
 # Not in the DiT paper: a 6-block, 192-wide DiT that trains in minutes on a CPU (the scripts' no-argument default).

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from common.adm_npz import save_adm_npz, to_uint8
 from common.diffusion import classifier_free_guidance, create_diffusion
-from common.train_utils import save_image_grid
+from common.training_run import save_image_grid
 
 
 def clips_predicted_x0(latent):

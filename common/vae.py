@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.safetensors_io import load_safetensors
-from common.train_utils import fail
+from common.training_run import fail
 
 SCALE_FACTOR = 0.18215  # SD v1 latent scaling (diffusers config `scaling_factor`)
 GROUP_NORM_EPS = 1e-6  # diffusers Encoder/Decoder pass resnet_eps=1e-6 everywhere

@@ -409,7 +409,7 @@ def augment(sample, size, rng):
 
 
 class StepKeyedSampler(torch.utils.data.Sampler):
-    """Wraps a sampler that yields `batch_size` indices per step from step `start_step` on (common.train_utils
+    """Wraps a sampler that yields `batch_size` indices per step from step `start_step` on (common.training_run
     ResumableSampler) and yields (index, step) keys: an augmented item then depends on (seed, step, index) only."""
 
     def __init__(self, sampler, batch_size, start_step=0):

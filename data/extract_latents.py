@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from common.train_utils import autocast, cleanup_distributed, fail, init_distributed
+from common.training_run import autocast, cleanup_distributed, fail, init_distributed
 from common.vae import load_vae
 from data.latents import ARRAY_KEYS, atomic_write, save_shard, write_manifest
 

@@ -4,7 +4,7 @@ samples, classifier-free-guidance label drops), re-seeded per step so a resumed 
 import torch
 
 from common.named_models import cfg_label_dropout
-from common.train_utils import fail, infinite_loader, random_hflip, seed_step
+from common.training_run import fail, infinite_loader, random_hflip, seed_step
 from common.vae import SCALE_FACTOR as SD_SCALE_FACTOR
 from data.image_folder import ImageFolder
 from data.latents import LatentDataset, sample_latents

@@ -31,7 +31,7 @@ import dtr
 import task_diffusion as td
 from common.diffusion import create_diffusion
 from common.named_models import create_model
-from common.train_utils import autocast, fail
+from common.training_run import autocast, fail
 
 # Dense bf16 tensor-core peak (TFLOP/s) per GPU name, from NVIDIA's data sheets; --peak-tflops overrides.
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}

@@ -29,7 +29,7 @@ from scipy import linalg
 from tqdm import tqdm
 
 from common.adm_npz import atomic_savez, check_images, save_adm_npz  # noqa: F401 (the writer of what this reads)
-from common.train_utils import fail
+from common.training_run import fail
 
 IMAGE_EXTENSIONS = {"bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp"}  # pytorch-fid's list
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.train_utils import save_atomic
+from common.training_run import save_atomic
 from data.synthetic import SyntheticShapes
 from eval.fid import feature_statistics, frechet_distance
 
@@ -48,7 +48,7 @@ def synthetic_images(num_classes, image_size, num_images, seed):
 
 
 def train_classifier(num_classes, image_size, num_images=4000, epochs=4, batch_size=128, seed=0):
-    """Train a ShapeClassifier on `num_images` synthetic images (seeds of its own) with Adam; returns it in eval mode."""
+    """Train a ShapeClassifier on `num_images` synthetic images of its own seeds (Adam); returned in eval mode."""
     torch.manual_seed(seed)
     images, labels = synthetic_images(num_classes, image_size, num_images, TRAIN_SEED + seed)
     model = ShapeClassifier(num_classes)

@@ -12,7 +12,7 @@ import torch
 import ant_clustering as ant
 from common.dit import DiT
 from common.sampling import sample_images
-from common.train_utils import latest_checkpoint
+from common.training_run import latest_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

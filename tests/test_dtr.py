@@ -12,7 +12,7 @@ import dtr
 from common.diffusion import create_diffusion
 from common.dit import DiT
 from common.named_models import create_model
-from common.train_utils import latest_checkpoint
+from common.training_run import latest_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -234,7 +234,7 @@ def test_training_batches_use_the_latent_scale_of_the_run(tmp_path, small_vae):
     """The manifest's (or --vae-scale's) factor multiplies the stored posterior draws (was always 0.18215)."""
     import argparse
     from data.labelled_images import training_batch
-    from common.train_utils import infinite_loader
+    from common.training_run import infinite_loader
     _, vae_path = small_vae
     extract(tmp_path / "lat", vae_path)
     ds = LatentDataset(str(tmp_path / "lat"))

@@ -8,9 +8,9 @@ import os
 import pytest
 import torch
 
-from common.train_utils import (InputError, ResumableSampler, TrainingRun, add_run_args, fill_defaults,
-                                latest_checkpoint, make_ema, one_line_errors, random_hflip, save_atomic,
-                                save_image_grid, update_ema)
+from common.training_run import (InputError, ResumableSampler, TrainingRun, add_run_args, fill_defaults,
+                                 latest_checkpoint, make_ema, one_line_errors, random_hflip, save_atomic,
+                                 save_image_grid, update_ema)
 
 
 def test_resumed_sampler_replays_the_same_stream():
@@ -155,7 +155,7 @@ def test_resume_replays_cleanly_stale_temps_duplicate_rows_and_first_rate(tmp_pa
     run.save(4, model={"w": torch.ones(1)}, ema={}, opt={})  # the run died after step 6, checkpointed at 4
     (tmp_path / "000-demo" / "checkpoints" / "0000006.pt.tmp4242").write_bytes(b"half")
     clock = iter([100.0, 100.0, 100.0, 104.0])
-    monkeypatch.setattr("common.train_utils.time.time", lambda: next(clock, 104.0))
+    monkeypatch.setattr("common.training_run.time.time", lambda: next(clock, 104.0))
     again = TrainingRun(_args(tmp_path, resume="auto"), "demo")
     assert not (tmp_path / "000-demo" / "checkpoints" / "0000006.pt.tmp4242").exists()
     assert "removed 0000006.pt.tmp4242" in open(os.path.join(again.dir, "log.txt")).read()

@@ -8,7 +8,7 @@ at a random noise level with the ordinary task losses; inference runs 3 DDIM ste
 
 This file, in the paper's order: (1) the pixel-level encoder, cross-task label encoder and cross-task diffusion
 decoder (Sec. 3.2), (2) the losses (Eq. 3), (3) the training loop (Algorithm 1), (4) the sampler (Algorithm 2) and
-the evaluation, (5) --eval-only on our checkpoints or the authors' released ones (AUTHORS_KEY_MAP), (6) main().
+the evaluation, (5) --eval-only on our checkpoints or the authors' released ones (TASKDIFFUSION_KEY_MAP), (6) main().
 Facts the paper lost are in the project SPEC (../shared/SPEC.md), checked against YuqiYang213/TaskDiffusion
 (`models/transformers/TaskDiffusion_head.py`, `TaskDiffusion_baseline.py`, `configs/`, `utils/`); on shared
 weights the model, the sampler and one training forward equal theirs to 1e-5 (tests/test_task_diffusion.py). The
@@ -31,14 +31,14 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from common.checkpoint_formats import TASKDIFFUSION_OURS_ONLY, taskdiffusion_layout, taskdiffusion_to_ours
 from common.checkpoint_io import CheckpointError, read_checkpoint, strip_prefix
-from common.training_run import (ResumableSampler, TrainingRun, add_run_args, all_reduce_mean, autocast,
-                                 cleanup_distributed, end_of_step, fail, fill_defaults, finish_training,
-                                 infinite_loader, init_distributed, load_model_state, make_ema, one_line_errors,
-                                 random_hflip, resume_training, run_dir_of, save_image_grid, seed_step, update_ema,
+from common.training_run import (TrainingRun, add_run_args, all_reduce_mean, autocast, cleanup_distributed, end_of_step,
+                                 fail, fill_defaults, finish_training, init_distributed, load_model_state, make_ema,
+                                 one_line_errors, resume_training, run_dir_of, save_image_grid, seed_step, update_ema,
                                  wrap_ddp)
 from common.vit import VisionTransformer, vit_base_patch16, vit_large_patch16
-from data.dense import StepKeyedSampler, denormalize_tensor, normalize_tensor
+from data.dense import ImageNetStandardised, denormalize_tensor, random_flip_batch, training_loader
 from eval.dense_metrics import (DepthMeter, EdgeMeter, NormalsMeter, SaliencyMeter, SegMeter, delta_m,
                                 format_table)
 
@@ -497,22 +497,6 @@ def training_loss(model, images, targets, dataset, aux_weight):
 #                            Data helpers                                       #
 #################################################################################
 
-class ImageNetStandardised(torch.utils.data.Dataset):
-    """The synthetic dense set with its [-1, 1] image standardised like PASCAL / NYUD (data/dense.py): one input
-    convention for every data set, so the same model code and the same --backbone-weights fit all of them."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, index):
-        item = dict(self.dataset[index])
-        item["image"] = normalize_tensor((item["image"] + 1) / 2)
-        return item
-
-
 def create_dense_dataset(args, split):
     """Synthetic shapes (train seed 0, val seed 1; flipped on-device in training), or PASCAL-Context / NYUD-v2
     (data/dense.py): the authors' train transform with augmentation for "train", their valid transform (pad) else."""
@@ -532,32 +516,10 @@ def create_dense_dataset(args, split):
     return ds
 
 
-def training_loader(dataset, batch_size, rank, world_size, seed, start_step, num_workers, device):
-    """Endless, exactly resumable per-rank batches (common.training_run.infinite_loader); an augmenting data set gets
-    (index, step) keys instead of indices, so its random crops depend on (seed, step, index) only."""
-    if not getattr(dataset, "augment", False):
-        return infinite_loader(dataset, batch_size, rank, world_size, seed, start_step, num_workers, device)
-    sampler = StepKeyedSampler(ResumableSampler(len(dataset), batch_size, rank, world_size, seed, start_step),
-                               batch_size, start_step)
-    return iter(torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=num_workers,
-        pin_memory=device.type == "cuda", persistent_workers=num_workers > 0))
-
-
 def to_device(batch, tasks, device):
     """(images, {task: target}) on the device."""
     return (batch["image"].to(device, non_blocking=True),
             {t: batch[t].to(device, non_blocking=True) for t in tasks})
-
-
-def random_flip(images, targets):
-    """Horizontal flip with p = 0.5 per image, on-device, of the image and every label; normals negate n_x."""
-    flip = torch.rand(images.shape[0], device=images.device) < 0.5
-    out = {t: random_hflip(y, flip) for t, y in targets.items()}
-    if "normals" in out:  # a mirrored surface faces the other way along x
-        sign = torch.tensor([-1.0, 1.0, 1.0], device=images.device).view(1, 3, 1, 1)
-        out["normals"] = torch.where(flip.view(-1, 1, 1, 1), out["normals"] * sign, out["normals"])
-    return random_hflip(images, flip), out
 
 
 #################################################################################
@@ -626,7 +588,7 @@ def train(args, rank, world_size, device):
         seed_step(args.seed, rank, step)  # this step's flips, drop-path masks, noise levels and noise: its own
         images, targets = to_device(next(loader), tasks, device)
         if args.dataset == "synthetic":  # PASCAL / NYUD are flipped (and scaled, cropped) by the loader
-            images, targets = random_flip(images, targets)
+            images, targets = random_flip_batch(images, targets)
         for group in opt.param_groups:  # poly decay (utils/training_run.py PolynomialLR), a pure function of step
             group["lr"] = args.lr * (1 - min(step, args.decay_steps) / args.decay_steps) ** 0.9
         with autocast(device, args.bf16):
@@ -887,104 +849,6 @@ def parse_args(argv=None):
 #          Checkpoints for --eval-only: ours, or the authors' released ones      #
 #################################################################################
 
-# The authors' main.py saves {'model': DDP(model).state_dict()} ('module.' prefixes; resumable files also hold
-# optimizer, scheduler, epoch, iter_count). One row per module: their module path -> ours, with {l} a level,
-# {j} a block and {t} a task; the rest of the key is kept, or renamed through the row's leaf table. Derived from
-# models/TaskDiffusion_wrapper.py (backbone, heads), models/transformers/TaskDiffusion_baseline.py (MLoRE: the ViT
-# + fea_fuse) and TaskDiffusion_head.py (Crosstask_diffusion_decoder, FPN_withtime, FPN_sharediff_withtime,
-# Conv_MLP_withtime(_res), Conv_withtime, Mask_withtime, Conv_MLP, Transform_withtime, LearnedSinusoidalPosEmb).
-CONV_MLP_LEAVES = {"conv_1": "norm_conv.conv", "norm": "norm_conv.norm", "time_mlp.1": "norm_conv.film.1",
-                   "conv_2": "conv2", "conv_3": "proj"}  # Conv_MLP*, Mask_withtime -> ConvBlock
-CONV_T_LEAVES = {"conv_1": "conv", "norm": "norm", "time_mlp.1": "film.1"}  # Conv_withtime -> NormConv
-FEAT_TASK_LEAVES = {"0": "1.norm_conv.conv", "1": "1.norm_conv.norm", "3": "1.conv2",  # conv-BN-GELU-conv twice,
-                    "4": "2.norm_conv.conv", "5": "2.norm_conv.norm", "7": "2.conv2"}  # an nn.Sequential -> 2 blocks
-AUTHORS_KEY_MAP = [
-    # ViT (their MLoRE keeps timm's names) and the per-level 1x1 convs
-    ("backbone.patch_embed.", "encoder.vit.patch_embed.", None),
-    ("backbone.pos_embed", "encoder.vit.pos_embed", None),
-    ("backbone.blocks.{j}.", "encoder.vit.blocks.{j}.", None),
-    ("backbone.norm.", "encoder.vit.norm.", None),
-    ("backbone.fea_fuse.{l}.", "encoder.fuse.{l}.", None),
-    # task-specific branches F_i^s (FPN_withtime.feat_task) and the auxiliary heads
-    ("heads.fpn_encoder.feat_task.{l}.{t}.", "branches.branches.{t}.{l}.", FEAT_TASK_LEAVES),
-    ("heads.aux_heads.{t}.0.", "aux_heads.{t}.0.", CONV_MLP_LEAVES),
-    ("heads.aux_heads.{t}.1.", "aux_heads.{t}.1.", None),
-    # cross-task label encoder
-    ("heads.embedding_tables.{t}.", "label_encoder.embeddings.{t}.", None),
-    ("heads.invalid_embedding_tables.{t}.weight", "label_encoder.invalid.{t}", None),  # nn.Embedding(1, C/4): flat
-    ("heads.embed_all.", "label_encoder.fuse.", None),
-    # cross-task diffusion decoder
-    ("heads.time_mlp.0.weights", "decoder.time_embed.freqs", None),
-    ("heads.time_mlp.1.", "decoder.time_embed.mlp.0.", None),
-    ("heads.time_mlp.3.", "decoder.time_embed.mlp.2.", None),
-    ("heads.transforms.conv_transforms.{l}.", "decoder.inputs.{l}.", None),
-    ("heads.fpn_encoder.share_fpn.fpn_conv.{l}.{j}.", "decoder.shared.{l}.{j}.", CONV_MLP_LEAVES),
-    ("heads.fpn_encoder.mask_task.{l}.", "decoder.relation.{l}.", CONV_T_LEAVES),
-    ("heads.fpn_encoder.specific_head.{l}.{t}.", "decoder.specific.{l}.{t}.", CONV_T_LEAVES),
-    ("heads.fpn_encoder.fpn_mask.{t}.", "decoder.level_weights.{t}.", CONV_MLP_LEAVES),
-    ("heads.encoders.{j}.{t}.", "decoder.heads.{t}.blocks.{j}.", CONV_MLP_LEAVES),
-    ("heads.pred_heads.{t}.", "decoder.heads.{t}.pred.", None),
-]
-OURS_ONLY = ("encoder.vit.cls_token",)  # their ViT has no class token; ours keeps timm's, unused (patch tokens only)
-RESUME_ONLY = ("optimizer", "scheduler", "epoch", "iter_count")  # in their resumable files: not needed to evaluate
-
-
-def _compile_key_map(rows):
-    """Each row as (regex, our template, leaves): {l} / {j} match indices, {t} a task name."""
-    compiled = []
-    for theirs, ours, leaves in rows:
-        pattern = re.escape(theirs)
-        for name, part in (("l", r"\d+"), ("j", r"\d+"), ("t", r"[a-z_]+")):
-            pattern = pattern.replace(re.escape("{" + name + "}"), f"(?P<{name}>{part})")
-        pattern += "(?P<rest>.+)" if theirs.endswith(".") else ""
-        compiled.append((re.compile(pattern + "$"), ours, leaves))
-    return compiled
-
-
-_KEY_MAP = _compile_key_map(AUTHORS_KEY_MAP)
-
-
-def _our_key(key):
-    """Our name of one of the authors' keys, or None when no row of AUTHORS_KEY_MAP covers it."""
-    for regex, ours, leaves in _KEY_MAP:
-        match = regex.match(key)
-        if match:
-            groups = match.groupdict()
-            rest = groups.pop("rest", "")
-            if leaves is not None:
-                leaf = next((k for k in leaves if rest.startswith(k + ".")), None)
-                if leaf is None:
-                    return None  # a module we map, with a parameter we do not know
-                rest = leaves[leaf] + rest[len(leaf):]
-            return ours.format(**groups) + rest
-    return None
-
-
-def authors_to_ours(state_dict):
-    """The authors' state dict ('module.' stripped) -> (ours, their keys that no row of AUTHORS_KEY_MAP maps)."""
-    converted, unmapped = {}, []
-    for key, value in state_dict.items():
-        name = _our_key(key)
-        if name is None:
-            unmapped.append(key)
-        else:
-            converted[name] = value.flatten() if name.startswith("label_encoder.invalid.") else value
-    return converted, unmapped
-
-
-def checkpoint_format(obj):
-    """'ours' ({model, ema, args, step}: TrainingRun.save), 'authors' ({'model': their state dict}, or the bare
-    state dict), or None."""
-    if isinstance(obj, dict) and {"model", "args", "step"} <= set(obj):
-        return "ours"
-    state = obj.get("model", obj) if isinstance(obj, dict) else None
-    if isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
-        keys = strip_prefix(state, "module.")
-        if any(k.startswith("backbone.") for k in keys) and any(k.startswith("heads.") for k in keys):
-            return "authors"
-    return None
-
-
 def _one_of(path, what, found, flag, given):
     """fail() when the user's flag contradicts what the checkpoint holds."""
     if flag in given and given[flag] != found:
@@ -1038,7 +902,7 @@ def authors_config(state, path, args):
 
 
 def load_authors_model(state, path, args):
-    """Our model for the authors' state dict, loaded through AUTHORS_KEY_MAP with strict key coverage:
+    """Our model for the authors' state dict, loaded through TASKDIFFUSION_KEY_MAP with strict key coverage:
     (model, its args). Their model is the full one: cross-task decoder, task and level interaction, C/4 labels."""
     if (args.decoder, args.interaction, args.no_level_interaction, args.label_encoding) != \
             ("cross-task", "task", False, "cross-task"):
@@ -1052,9 +916,9 @@ def load_authors_model(state, path, args):
                                     "--embed-dim", str(config["embed_dim"]), "--tasks", ",".join(config["tasks"]),
                                     "--image-size", *map(str, [size] if isinstance(size, int) else size)])
     model = build_model(targs)
-    converted, unmapped = authors_to_ours(state)
+    converted, unmapped = taskdiffusion_to_ours(state)
     ours = model.state_dict()
-    missing = [k for k in ours if k not in converted and k not in OURS_ONLY]
+    missing = [k for k in ours if k not in converted and k not in TASKDIFFUSION_OURS_ONLY]
     leftover = unmapped + [k for k in converted if k not in ours]
     if leftover or missing:
         fail(f"'{path}' does not cover the model key for key: {len(leftover)} left over (e.g. {leftover[:3]}), "
@@ -1064,7 +928,7 @@ def load_authors_model(state, path, args):
     if wrong:
         fail(f"'{path}' does not fit {targs.backbone} C={targs.embed_dim} {targs.dataset} "
              f"{targs.image_size}: {len(wrong)} size mismatches, e.g. {'; '.join(wrong[:3])}")
-    model.load_state_dict({**{k: ours[k] for k in OURS_ONLY}, **converted}, strict=True)
+    model.load_state_dict({**{k: ours[k] for k in TASKDIFFUSION_OURS_ONLY}, **converted}, strict=True)
     return model, targs
 
 
@@ -1075,7 +939,7 @@ def model_for_eval(args):
         obj, skipped_classes = read_checkpoint(args.ckpt)
     except CheckpointError as e:
         fail(str(e))
-    kind = checkpoint_format(obj)
+    kind = taskdiffusion_layout(obj)
     if kind == "ours":
         # flags added after a checkpoint was written take their defaults (eval ignores drop-path / invalid-labels)
         defaults = vars(parse_args(["--dataset", obj["args"]["dataset"], "--data-root", "unused"]))

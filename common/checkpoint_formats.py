@@ -1,4 +1,4 @@
-"""The checkpoint layouts a DiT-based script (dtr.py, ant_clustering.py) may be given, told apart by their keys.
+"""The checkpoint layouts our scripts may be given, told apart by their keys. For dtr.py and ant_clustering.py:
 
   ours  {"model", "ema", "opt", "args": dict, "step", "script", ...}: common/training_run.TrainingRun.save
   dit   a bare DiT state dict: facebookresearch/DiT's released `DiT-XL-2-256x256.pt`
@@ -9,13 +9,15 @@
 What the weights say (model size, classes, learn_sigma, input size) is read off them here; what they cannot say
 (noise schedule, VAE, sampler) comes from the caller's flags and presets. `model_from_checkpoint` turns a file in
 any of these layouts into the EMA model and its training settings.
+For task_diffusion.py: YuqiYang213/TaskDiffusion's {'model': DDP state dict}, renamed to our module names through
+one table, TASKDIFFUSION_KEY_MAP (the model itself is built in task_diffusion.py).
 """
 import argparse
 import re
 
 import torch
 
-from common.checkpoint_io import plain_data
+from common.checkpoint_io import plain_data, strip_prefix
 from common.named_models import create_model
 from common.training_run import fail, load_checkpoint, load_model_state
 
@@ -174,3 +176,104 @@ def foreign_training_args(spec, fmt, settings, args):
         noise_schedule=args.noise_schedule or defaults["noise_schedule"],
         latent=spec["in_channels"] == 4, vae_scale=args.vae_scale or defaults["vae_scale"],
         format=fmt, settings=settings)
+
+
+#################################################################################
+#        TaskDiffusion: the authors' module names -> task_diffusion.py's        #
+#################################################################################
+
+# The authors' main.py saves {'model': DDP(model).state_dict()} ('module.' prefixes; resumable files also hold
+# optimizer, scheduler, epoch, iter_count). One row per module: their module path -> ours, with {l} a level,
+# {j} a block and {t} a task; the rest of the key is kept, or renamed through the row's leaf table. Derived from
+# models/TaskDiffusion_wrapper.py (backbone, heads), models/transformers/TaskDiffusion_baseline.py (MLoRE: the ViT
+# + fea_fuse) and TaskDiffusion_head.py (Crosstask_diffusion_decoder, FPN_withtime, FPN_sharediff_withtime,
+# Conv_MLP_withtime(_res), Conv_withtime, Mask_withtime, Conv_MLP, Transform_withtime, LearnedSinusoidalPosEmb).
+CONV_MLP_LEAVES = {"conv_1": "norm_conv.conv", "norm": "norm_conv.norm", "time_mlp.1": "norm_conv.film.1",
+                   "conv_2": "conv2", "conv_3": "proj"}  # Conv_MLP*, Mask_withtime -> ConvBlock
+CONV_T_LEAVES = {"conv_1": "conv", "norm": "norm", "time_mlp.1": "film.1"}  # Conv_withtime -> NormConv
+FEAT_TASK_LEAVES = {"0": "1.norm_conv.conv", "1": "1.norm_conv.norm", "3": "1.conv2",  # conv-BN-GELU-conv twice,
+                    "4": "2.norm_conv.conv", "5": "2.norm_conv.norm", "7": "2.conv2"}  # an nn.Sequential -> 2 blocks
+TASKDIFFUSION_KEY_MAP = [
+    # ViT (their MLoRE keeps timm's names) and the per-level 1x1 convs
+    ("backbone.patch_embed.", "encoder.vit.patch_embed.", None),
+    ("backbone.pos_embed", "encoder.vit.pos_embed", None),
+    ("backbone.blocks.{j}.", "encoder.vit.blocks.{j}.", None),
+    ("backbone.norm.", "encoder.vit.norm.", None),
+    ("backbone.fea_fuse.{l}.", "encoder.fuse.{l}.", None),
+    # task-specific branches F_i^s (FPN_withtime.feat_task) and the auxiliary heads
+    ("heads.fpn_encoder.feat_task.{l}.{t}.", "branches.branches.{t}.{l}.", FEAT_TASK_LEAVES),
+    ("heads.aux_heads.{t}.0.", "aux_heads.{t}.0.", CONV_MLP_LEAVES),
+    ("heads.aux_heads.{t}.1.", "aux_heads.{t}.1.", None),
+    # cross-task label encoder
+    ("heads.embedding_tables.{t}.", "label_encoder.embeddings.{t}.", None),
+    ("heads.invalid_embedding_tables.{t}.weight", "label_encoder.invalid.{t}", None),  # nn.Embedding(1, C/4): flat
+    ("heads.embed_all.", "label_encoder.fuse.", None),
+    # cross-task diffusion decoder
+    ("heads.time_mlp.0.weights", "decoder.time_embed.freqs", None),
+    ("heads.time_mlp.1.", "decoder.time_embed.mlp.0.", None),
+    ("heads.time_mlp.3.", "decoder.time_embed.mlp.2.", None),
+    ("heads.transforms.conv_transforms.{l}.", "decoder.inputs.{l}.", None),
+    ("heads.fpn_encoder.share_fpn.fpn_conv.{l}.{j}.", "decoder.shared.{l}.{j}.", CONV_MLP_LEAVES),
+    ("heads.fpn_encoder.mask_task.{l}.", "decoder.relation.{l}.", CONV_T_LEAVES),
+    ("heads.fpn_encoder.specific_head.{l}.{t}.", "decoder.specific.{l}.{t}.", CONV_T_LEAVES),
+    ("heads.fpn_encoder.fpn_mask.{t}.", "decoder.level_weights.{t}.", CONV_MLP_LEAVES),
+    ("heads.encoders.{j}.{t}.", "decoder.heads.{t}.blocks.{j}.", CONV_MLP_LEAVES),
+    ("heads.pred_heads.{t}.", "decoder.heads.{t}.pred.", None),
+]
+TASKDIFFUSION_OURS_ONLY = ("encoder.vit.cls_token",)  # their ViT has no class token; ours keeps timm's, unused (patch tokens only)
+
+
+def _compile_key_map(rows):
+    """Each row as (regex, our template, leaves): {l} / {j} match indices, {t} a task name."""
+    compiled = []
+    for theirs, ours, leaves in rows:
+        pattern = re.escape(theirs)
+        for name, part in (("l", r"\d+"), ("j", r"\d+"), ("t", r"[a-z_]+")):
+            pattern = pattern.replace(re.escape("{" + name + "}"), f"(?P<{name}>{part})")
+        pattern += "(?P<rest>.+)" if theirs.endswith(".") else ""
+        compiled.append((re.compile(pattern + "$"), ours, leaves))
+    return compiled
+
+
+_TASKDIFFUSION_RULES = _compile_key_map(TASKDIFFUSION_KEY_MAP)
+
+
+def _our_key(key):
+    """Our name of one of the authors' keys, or None when no row of TASKDIFFUSION_KEY_MAP covers it."""
+    for regex, ours, leaves in _TASKDIFFUSION_RULES:
+        match = regex.match(key)
+        if match:
+            groups = match.groupdict()
+            rest = groups.pop("rest", "")
+            if leaves is not None:
+                leaf = next((k for k in leaves if rest.startswith(k + ".")), None)
+                if leaf is None:
+                    return None  # a module we map, with a parameter we do not know
+                rest = leaves[leaf] + rest[len(leaf):]
+            return ours.format(**groups) + rest
+    return None
+
+
+def taskdiffusion_to_ours(state_dict):
+    """The authors' state dict ('module.' stripped) -> (ours, their keys that no row of TASKDIFFUSION_KEY_MAP maps)."""
+    converted, unmapped = {}, []
+    for key, value in state_dict.items():
+        name = _our_key(key)
+        if name is None:
+            unmapped.append(key)
+        else:
+            converted[name] = value.flatten() if name.startswith("label_encoder.invalid.") else value
+    return converted, unmapped
+
+
+def taskdiffusion_layout(obj):
+    """'ours' ({model, ema, args, step}: TrainingRun.save), 'authors' ({'model': their state dict}, or the bare
+    state dict), or None."""
+    if isinstance(obj, dict) and {"model", "args", "step"} <= set(obj):
+        return "ours"
+    state = obj.get("model", obj) if isinstance(obj, dict) else None
+    if isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
+        keys = strip_prefix(state, "module.")
+        if any(k.startswith("backbone.") for k in keys) and any(k.startswith("heads.") for k in keys):
+            return "authors"
+    return None

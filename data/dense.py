@@ -39,6 +39,7 @@ from PIL import Image
 from scipy import ndimage
 
 from common.morphology import thin
+from common.training_run import ResumableSampler, infinite_loader, random_hflip
 
 IGNORE_INDEX = 255
 
@@ -582,3 +583,45 @@ class NYUD(_DenseDataset):
             if array.shape[:2] != image.shape[:2]:
                 raise ValueError(f"NYUD: '{key}' of {image_id} is {array.shape[:2]}, image is {image.shape[:2]}")
         return sample, image_id
+
+
+#################################################################################
+#            Loading for training (resumable order, on-device flips)            #
+#################################################################################
+
+class ImageNetStandardised(torch.utils.data.Dataset):
+    """The synthetic dense set with its [-1, 1] image standardised like PASCAL / NYUD above: one input
+    convention for every data set, so the same model code and the same --backbone-weights fit all of them."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        item = dict(self.dataset[index])
+        item["image"] = normalize_tensor((item["image"] + 1) / 2)
+        return item
+
+
+def training_loader(dataset, batch_size, rank, world_size, seed, start_step, num_workers, device):
+    """Endless, exactly resumable per-rank batches (common.training_run.infinite_loader); an augmenting data set gets
+    (index, step) keys instead of indices, so its random crops depend on (seed, step, index) only."""
+    if not getattr(dataset, "augment", False):
+        return infinite_loader(dataset, batch_size, rank, world_size, seed, start_step, num_workers, device)
+    sampler = StepKeyedSampler(ResumableSampler(len(dataset), batch_size, rank, world_size, seed, start_step),
+                               batch_size, start_step)
+    return iter(torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=num_workers,
+        pin_memory=device.type == "cuda", persistent_workers=num_workers > 0))
+
+
+def random_flip_batch(images, targets):
+    """Horizontal flip with p = 0.5 per image, on-device, of the image and every label; normals negate n_x."""
+    flip = torch.rand(images.shape[0], device=images.device) < 0.5
+    out = {t: random_hflip(y, flip) for t, y in targets.items()}
+    if "normals" in out:  # a mirrored surface faces the other way along x
+        sign = torch.tensor([-1.0, 1.0, 1.0], device=images.device).view(1, 3, 1, 1)
+        out["normals"] = torch.where(flip.view(-1, 1, 1, 1), out["normals"] * sign, out["normals"])
+    return random_hflip(images, flip), out

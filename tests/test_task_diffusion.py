@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import task_diffusion as td
 from test_dense_data import pascal_root  # noqa: F401 (a fixture: the fake PASCAL-Context tree)
+from data import dense
 from data.synthetic import SyntheticShapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -327,7 +328,7 @@ def test_random_flip_mirrors_image_and_labels_together_and_turns_normals():
     torch.manual_seed(3)
     images = torch.randn(8, 3, 4, 5)
     targets = {"semseg": torch.randint(0, 5, (8, 4, 5)), "normals": F.normalize(torch.randn(8, 3, 4, 5), dim=1)}
-    flipped, out = td.random_flip(images, targets)
+    flipped, out = dense.random_flip_batch(images, targets)
     was_flipped = [not torch.equal(flipped[b], images[b]) for b in range(8)]
     assert 0 < sum(was_flipped) < 8
     for b, f in enumerate(was_flipped):
@@ -488,9 +489,9 @@ class _KeyEcho(torch.utils.data.Dataset):
 
 def test_augmenting_loader_resumes_exactly_with_step_keys():
     cpu = torch.device("cpu")
-    straight = td.training_loader(_KeyEcho(), 2, 1, 2, 7, 0, 0, cpu)  # rank 1 of 2, batch 2 per rank
+    straight = dense.training_loader(_KeyEcho(), 2, 1, 2, 7, 0, 0, cpu)  # rank 1 of 2, batch 2 per rank
     batches = [next(straight) for _ in range(9)]  # more than one epoch (3 global batches of 4)
-    resumed = td.training_loader(_KeyEcho(), 2, 1, 2, 7, 5, 0, cpu)
+    resumed = dense.training_loader(_KeyEcho(), 2, 1, 2, 7, 5, 0, cpu)
     for step in range(5, 9):
         assert torch.equal(next(resumed), batches[step])  # the same items and the same augmentation keys
     for step, batch in enumerate(batches):

@@ -39,6 +39,7 @@ from common.training_run import (add_run_args, all_reduce_mean, all_reduce_mean_
                                  end_of_step, fail, finish_training, infinite_loader, init_distributed, load_checkpoint,
                                  load_model_state, make_ema, one_line_errors, resume_training, run_dir_of, update_ema,
                                  wrap_ddp)
+from common.training_run import sampling_module, training_module  # --compile, --grad-checkpoint
 from data.labelled_images import create_dataset, fixed_batch, training_batch
 
 
@@ -716,13 +717,13 @@ def train(args):
     groups = [{"params": model.parameters()}] + ([state["uw"].param_group(lr=args.uw_lr)] if "uw" in state else [])
     opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0)
     step = resume_training(run, model, ema, opt, clusters=clusters, uw=state.get("uw"), nash=state.get("nash"))
-    ddp = wrap_ddp(model, device, run.world_size)
+    ddp = training_module(wrap_ddp(model, device, run.world_size), args)
     loader = infinite_loader(dataset, batch_size, run.rank, run.world_size, args.seed, step, args.num_workers, device)
     run.log(f"{args.model}, {args.clustering} clustering k={k}: {format_intervals(clusters.interval_list)}; "
             f"mtl={args.mtl}, loss weight={args.loss_weight}, timesteps [{t_lo}, {t_hi}]; "
             f"{sum(p.numel() for p in model.parameters()):,} parameters; {len(dataset):,} training items; "
             f"world size {run.world_size}, batch {batch_size}/rank; results in {run.dir}")
-    sample = sample_grid_writer(ema, args, device)
+    sample = sample_grid_writer(sampling_module(ema, args), args, device)
     params = list(model.parameters())
     # summed on-device, synced only when logging: loss, steps, per-cluster mean losses, per-cluster presence
     running = torch.zeros(2 + 2 * k, device=device)

@@ -340,6 +340,13 @@ def stratified_timesteps(intervals, batch_size, generator=None, device="cpu"):
 #                 MTL Methods over Cluster Losses (Sec. 4.2)                    #
 #################################################################################
 
+def cluster_counts(cluster_ids, k):
+    """Samples per cluster, [k] int64: a scatter-add, since torch.bincount on CUDA reads its maximum back to the
+    host (a sync every step)."""
+    return torch.zeros(k, dtype=torch.long, device=cluster_ids.device).index_add_(0, cluster_ids,
+                                                                                  torch.ones_like(cluster_ids))
+
+
 def cluster_losses(per_sample_loss, cluster_ids, k):
     """(L[k], present[k]): L_i = mean of cluster i's per-sample losses / k; absent clusters give 0, present False.
 
@@ -350,7 +357,7 @@ def cluster_losses(per_sample_loss, cluster_ids, k):
         raise ValueError(f"per_sample_loss {tuple(per_sample_loss.shape)} and cluster_ids "
                          f"{tuple(cluster_ids.shape)} must both be (B,); reduce the loss per sample first")
     sums = per_sample_loss.new_zeros(k).index_add(0, cluster_ids, per_sample_loss)
-    counts = torch.bincount(cluster_ids, minlength=k)
+    counts = cluster_counts(cluster_ids, k)
     present = counts > 0
     means = sums / counts.clamp(min=1).to(sums.dtype)  # absent: 0 / 1 = 0, never NaN
     return means / k, present
@@ -580,7 +587,7 @@ def mse_weight(kind, diffusion, t, min_snr_gamma=5.0, p2_k=1.0, p2_gamma=1.0):
     on the eps-MSE term only) or P2, 1 / (k + SNR)^gamma with k = 1, gamma in {0.5, 1}; None = plain."""
     if kind == "none":
         return None
-    snr_t = torch.as_tensor(diffusion.snr, device=t.device)[t].float()
+    snr_t = diffusion._extract("snr", t, 1)  # cached on the device: no host-to-device copy per step
     if kind == "min-snr":
         return min_snr_weight(snr_t, min_snr_gamma)
     if kind == "p2":
@@ -754,7 +761,7 @@ def train(args):
         weight = mse_weight(args.loss_weight, diffusion, t, args.min_snr_gamma, 1.0, args.p2_gamma)
         loss_fn = functools.partial(batch_cluster_losses, diffusion, ddp, x, y, t, clusters, weight=weight,
                                     bf16=args.bf16)
-        counts = torch.bincount(clusters.cluster_of[t], minlength=k)
+        counts = cluster_counts(clusters.cluster_of[t], k)
         opt.zero_grad(set_to_none=True)
         if args.mtl == "none":
             losses, present = loss_fn(False)

@@ -3,7 +3,8 @@
     python -m eval.bench --quick                 # CPU, small shapes, about a minute
     python -m eval.bench --device cuda           # full size: DiT-L/2 on 32x32x4 latents, batch 32, bf16, SDPA
 
-Sections (--only picks some): dtr (DiT fwd+bwd+AdamW step time and peak memory, routing dtr vs none), mfu (images/s,
+Sections (--only picks some): anchor (one DiT training step, fwd + bwd + AdamW + EMA, of our fast path against the
+official DiT recipe reproduced in-process: images/s, ratio, TFLOP/s, MFU, peak memory; DTR and ANT-UW / vanilla), dtr (DiT fwd+bwd+AdamW step time and peak memory, routing dtr vs none), mfu (images/s,
 achieved TFLOP/s and MFU of that step), ant (step time of ANT-UW / PCGrad / Nash-MTL over k = 5 clusters vs vanilla),
 dp (interval clustering at T = 1000, k = 8), sampler (DDPM steps/s), taskdiffusion (inference time per image for
 1-10 DDIM steps vs the no-diffusion baseline; ViT-L at 512 px, --quick: tiny ViT at 64 px), fidmem (host memory
@@ -13,6 +14,7 @@ time; --quick: 256 px).
 Timings are medians over interleaved repeats (A, B, A, B, ...), so slow drift of the machine hits both sides alike.
 """
 import argparse
+import copy
 import functools
 import os
 import shutil
@@ -20,18 +22,22 @@ import statistics
 import tempfile
 import time
 import tracemalloc
+import types
 import zipfile
+from collections import OrderedDict
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 import ant_clustering as ant
 import dtr
 import task_diffusion as td
 from common.diffusion import create_diffusion
 from common.named_models import create_model
-from common.training_run import autocast, fail
+from common.training_run import autocast, fail, make_ema, training_module, update_ema
+from common.transformer import Attention
 
 # Dense bf16 tensor-core peak (TFLOP/s) per GPU name, from NVIDIA's data sheets; --peak-tflops overrides.
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}
@@ -397,7 +403,134 @@ def bench_odsf(args, device, results):
     results["odsf_seconds_per_image"] = per_image
 
 
-SECTIONS = {"dtr": bench_dtr, "mfu": bench_mfu, "ant": bench_ant, "dp": bench_dp, "sampler": bench_sampler,
+#################################################################################
+#          The anchor: our fast path against the official DiT recipe             #
+#################################################################################
+# The official recipe, reproduced in-process on our same model: DiT's train.py trains in fp32 (TF32 matmuls
+# allowed), with timm 0.x's Attention (softmax(q k^T / sqrt(d)) v written out), no compile, and an EMA that loops
+# over the parameters. Ours: bf16 autocast on CUDA, F.scaled_dot_product_attention, --compile, a fused EMA.
+
+def timm_attention_forward(self, x):
+    """timm 0.x Attention.forward, as DiT's models.py uses it: the attention matrix is materialised."""
+    B, N, C = x.shape
+    qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    attn = (q @ k.transpose(-2, -1)) * (C // self.num_heads) ** -0.5
+    x = (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, N, C)
+    return self.proj(x)
+
+
+def official_recipe(model):
+    """A copy of `model` (same weights) whose attention modules run timm_attention_forward."""
+    official = copy.deepcopy(model)
+    for module in official.modules():
+        if isinstance(module, Attention):
+            module.forward = types.MethodType(timm_attention_forward, module)
+    return official
+
+
+@torch.no_grad()
+def official_update_ema(ema_model, model, decay=0.9999):
+    """DiT train.py's update_ema: one mul_ / add_ per parameter."""
+    ema_params = OrderedDict(ema_model.named_parameters())
+    for name, param in model.named_parameters():
+        ema_params[name].mul_(decay).add_(param.data, alpha=1 - decay)
+
+
+def recipe_loss(model, diffusion, x, y, t, noise, bf16):
+    """The step's loss (eps-MSE + vb, batch mean), under bf16 autocast on CUDA when bf16."""
+    with autocast(x.device, bf16):
+        return diffusion.training_losses(model, x, t, dict(y=y), noise=noise)["loss"].mean()
+
+
+def recipe_step(model, diffusion, batch, bf16, ema_update, loss_fn=None):
+    """One full training step (fwd + bwd + AdamW + EMA) on a fixed batch; `model` may be a compiled wrapper.
+    loss_fn(module, x, y, t) replaces the plain loss (ANT-UW)."""
+    bare = getattr(model, "_orig_mod", model)
+    params = [p for p in bare.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params + (list(loss_fn.extra_params) if loss_fn else []), lr=1e-4, weight_decay=0)
+    ema = make_ema(bare)
+    x, y = batch
+
+    def step():
+        t = torch.randint(0, diffusion.num_timesteps, (len(x),), device=x.device)
+        loss = recipe_loss(model, diffusion, x, y, t, None, bf16) if loss_fn is None else loss_fn(model, x, y, t)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        ema_update(ema, bare)
+    return step
+
+
+class UWLoss:
+    """ANT-UW over k timestep clusters (ant_clustering: stratified timesteps, cluster losses, uncertainty weights)."""
+
+    def __init__(self, diffusion, k, device, bf16):
+        self.clusters = ant.ClusterLoss(ant.uniform_intervals(diffusion.num_timesteps, k)).to(device)
+        self.uw = ant.UncertaintyWeighting(k).to(device)
+        self.extra_params, self.diffusion, self.bf16 = list(self.uw.parameters()), diffusion, bf16
+
+    def __call__(self, model, x, y, t):
+        t = self.clusters.sample_timesteps(len(x))  # every cluster in every batch
+        losses, present = ant.batch_cluster_losses(self.diffusion, model, x, y, t, self.clusters, bf16=self.bf16)
+        return self.uw(losses, present)
+
+
+def step_flops(model, diffusion, batch):
+    """FLOPs of one fwd + bwd of `model` (the official copy: its attention is countable matmuls), counted by
+    torch's FlopCounterMode; the weights are left untouched."""
+    x, y = batch
+    t = torch.randint(0, diffusion.num_timesteps, (len(x),), device=x.device)
+    with FlopCounterMode(display=False) as counter:
+        recipe_loss(model, diffusion, x, y, t, None, False).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def bench_anchor(args, device, results):
+    """Our fast path vs the official DiT recipe: images/s, TFLOP/s, MFU, peak memory; DTR and ANT-UW vs vanilla."""
+    torch.manual_seed(0)
+    model = create_model(args.model, args.latent_size, 4, 1000).to(device)
+    official = official_recipe(model)
+    routed = dtr.add_task_routing(copy.deepcopy(model), "dtr")
+    diffusion = create_diffusion("", "cosine", learn_sigma=True)
+    B = args.batch_size
+    batch = (torch.randn(B, 4, args.latent_size, args.latent_size, device=device),
+             torch.randint(0, 1000, (B,), device=device))
+    k = max(d for d in range(1, 9) if B % d == 0)  # ANT-UW clusters: dtr.py's k = 8 where B allows
+    fast = argparse.Namespace(compile=args.compile, grad_checkpoint=False)
+    steps = {"ours": recipe_step(training_module(model, fast), diffusion, batch, args.bf16, update_ema),
+             "official": recipe_step(official, diffusion, batch, False, official_update_ema),
+             "ours-dtr": recipe_step(training_module(routed, fast), diffusion, batch, args.bf16, update_ema),
+             "ours-ant-uw": recipe_step(training_module(copy.deepcopy(model), fast), diffusion, batch, args.bf16,
+                                        update_ema, UWLoss(diffusion, k, device, args.bf16))}
+    flops = step_flops(official, diffusion, batch)
+    sec = interleaved_medians(steps, args.iters, max(args.warmup, 2 if args.compile else 0), device)
+    mem = {name: peak_memory(steps[name], device) for name in ("ours", "official")}
+    peak = peak_tflops(device, args.peak_tflops)
+    what = "peak memory" if device.type == "cuda" else "saved activations"
+    bf16 = args.bf16 and device.type == "cuda"
+    print(f"[anchor] {args.model} batch {B} on {args.latent_size}x{args.latent_size}x4, one step fwd+bwd+AdamW+EMA; "
+          f"ours: bf16={bf16}, SDPA, compile={args.compile}; official: fp32 (TF32 on CUDA), softmax(QK^T)V, no "
+          f"compile; {flops / B / 1e9:.2f} GFLOP/image (FlopCounterMode)")
+    for name in ("ours", "official"):
+        tflops = flops / sec[name] / 1e12
+        mfu = f"MFU {tflops / peak:.1%} of {peak:g} bf16 TFLOP/s" if peak else "MFU n/a (no bf16 peak for this device)"
+        print(f"  {name:8s} {B / sec[name]:9.2f} images/s  {sec[name] * 1e3:8.1f} ms/step  {tflops:7.3f} TFLOP/s  "
+              f"{mfu}  {what} {mem[name] / 2**20:.1f} MiB")
+        results[f"anchor_{name}_images_per_s"] = B / sec[name]
+        results[f"anchor_{name}_tflops"] = tflops
+        results[f"anchor_{name}_mfu"] = tflops / peak if peak else None
+        results[f"anchor_{name}_memory_mib"] = mem[name] / 2**20
+    results["anchor_speedup"] = sec["official"] / sec["ours"]
+    results["anchor_dtr_ratio"] = sec["ours-dtr"] / sec["ours"]
+    results["anchor_ant_uw_ratio"] = sec["ours-ant-uw"] / sec["ours"]
+    print(f"  ours / official = {results['anchor_speedup']:.2f}x (target >= 1.5 on H100/H200; MFU >= 40%)")
+    print(f"  step time DTR / vanilla = {results['anchor_dtr_ratio']:.3f} (target <= 1.01), ANT-UW (k={k}) / "
+          f"vanilla = {results['anchor_ant_uw_ratio']:.3f} (target <= 1.03), both on our fast path")
+
+
+SECTIONS = {"anchor": bench_anchor, "dtr": bench_dtr, "mfu": bench_mfu, "ant": bench_ant, "dp": bench_dp, "sampler": bench_sampler,
             "taskdiffusion": bench_taskdiffusion, "fidmem": bench_fidmem, "odsf": bench_odsf}
 
 
@@ -419,6 +552,7 @@ def parse_args(argv=None):
     p.add_argument("--td-batch-size", type=int, default=None, help="taskdiffusion images per batch (default 4; "
                                                                    "--quick: 2)")
     p.add_argument("--no-bf16", dest="bf16", action="store_false")
+    p.add_argument("--compile", action="store_true", help="torch.compile our fast path in the anchor section")
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, for MFU")
     p.add_argument("--fidmem-samples", type=int, default=None, help="fidmem images (default 50000; --quick: 2000)")
     p.add_argument("--fidmem-size", type=int, default=None, help="fidmem image side (default 256; --quick: 64)")

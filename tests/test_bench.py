@@ -70,3 +70,34 @@ def test_official_recipe_is_our_model_with_written_out_attention(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", None)  # official never calls it
     bench.recipe_loss(official, diffusion, x, y, t, noise, bf16=False)
+
+
+def test_gpu_check_tiny_runs_every_part_and_writes_the_table(tmp_path, capsys):
+    out = tmp_path / "gpu_check.md"
+    results = bench.main(["--gpu-check", "--tiny", "--gpu-check-out", str(out)])
+    table = out.read_text()
+    assert table.strip() in capsys.readouterr().out
+    assert "FAILED" not in table and "skipped" not in table
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == 11 and sum("n/a" in row for row in rows) == 1  # MFU alone: no bf16 peak on CPU
+    for key in ["anchor_speedup", "smoke_start_loss", "smoke_end_loss", "sampler_images_per_s", "td_train_step_s",
+                "td_infer_3step_ms_per_image"]:
+        assert math.isfinite(results[key]) and results[key] > 0, key
+    assert results["torchrun"] == "ok, replicas in sync"
+
+
+def test_gpu_check_stops_starting_parts_after_its_budget(tmp_path):
+    out = tmp_path / "gpu_check.md"
+    results = bench.main(["--gpu-check", "--tiny", "--gpu-check-budget", "0", "--gpu-check-out", str(out)])
+    table = out.read_text()
+    assert "anchor_speedup" in results and "smoke_start_loss" not in results  # the first part, then nothing
+    assert table.count("skipped (time)") == 4
+
+
+def test_gpu_check_without_a_gpu_is_one_line(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(SystemExit):
+        bench.main(["--gpu-check"])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--tiny" in err

@@ -39,7 +39,7 @@ from common.training_run import (add_run_args, all_reduce_mean, all_reduce_mean_
                                  end_of_step, fail, finish_training, infinite_loader, init_distributed, load_checkpoint,
                                  load_model_state, make_ema, one_line_errors, resume_training, run_dir_of, update_ema,
                                  wrap_ddp)
-from common.training_run import sampling_module, training_module  # --compile, --grad-checkpoint
+from common.training_run import adamw, sampling_module, training_module  # the fast path
 from data.labelled_images import create_dataset, fixed_batch, training_batch
 
 
@@ -722,7 +722,7 @@ def train(args):
     clusters = ClusterLoss(intervals, T).to(device)
     state = mtl_state(args.mtl, k, args.seed, device) if args.mtl != "none" else {}
     groups = [{"params": model.parameters()}] + ([state["uw"].param_group(lr=args.uw_lr)] if "uw" in state else [])
-    opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0)
+    opt = adamw(groups, lr=args.lr)
     step = resume_training(run, model, ema, opt, clusters=clusters, uw=state.get("uw"), nash=state.get("nash"))
     ddp = training_module(wrap_ddp(model, device, run.world_size), args)
     loader = infinite_loader(dataset, batch_size, run.rank, run.world_size, args.seed, step, args.num_workers, device)

@@ -32,7 +32,7 @@ from common.named_models import create_model
 from common.training_run import (add_run_args, all_reduce_mean, all_reduce_mean_, autocast, cleanup_distributed,
                                  end_of_step, fail, finish_training, infinite_loader, init_distributed, make_ema,
                                  one_line_errors, resume_training, run_dir_of, update_ema, wrap_ddp)
-from common.training_run import sampling_module, training_module  # --compile, --grad-checkpoint
+from common.training_run import adamw, sampling_module, training_module  # the fast path
 from common.unet import AttentionBlock, ResBlock
 from data.labelled_images import create_dataset, fixed_batch, training_batch
 
@@ -226,7 +226,7 @@ def train(args):
         clusters = ClusterLoss(uniform_intervals(diffusion.num_timesteps, args.ant_k)).to(device)
         uw = UncertaintyWeighting(args.ant_k).to(device)
     groups = [{"params": model.parameters()}] + ([uw.param_group(lr=args.uw_lr)] if uw else [])
-    opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0)
+    opt = adamw(groups, lr=args.lr)
     step = resume_training(run, model, ema, opt, uw=uw)
     # masks are buffers that never change: no need to broadcast them on every forward
     ddp = training_module(wrap_ddp(model, device, run.world_size, broadcast_buffers=False), args)

@@ -23,7 +23,7 @@ from common.training_run import (TrainingRun, add_run_args, all_reduce_mean, aut
                                  fail, fill_defaults, finish_training, infinite_loader, init_distributed,
                                  load_checkpoint, load_model_state, make_ema, random_hflip, resume_training, run_dir_of,
                                  save_image_grid, seed_step, update_ema, wrap_ddp)
-from common.training_run import training_module  # --compile, --grad-checkpoint
+from common.training_run import adamw, training_module  # the fast path
 from common.unet import EncoderUNetModel, UNetModel
 from common.vae import load_vae
 from data.image_folder import ImageFolder
@@ -439,7 +439,7 @@ def train(args):
     batch_size = run.batch_size
     dataset, eval_set, task, model, sched = build(args, device)
     ema = make_ema(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0)
+    opt = adamw(model.parameters(), lr=args.lr)
 
     step = resume_training(run, model, ema, opt)
     ddp = training_module(wrap_ddp(model, device, world_size), args)

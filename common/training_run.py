@@ -211,6 +211,14 @@ def training_module(ddp, args):
     return compile_module(ddp) if getattr(args, "compile", False) else ddp
 
 
+def adamw(params, lr, weight_decay=0.0):
+    """AdamW as DiT's train.py (weight decay 0), as one fused kernel per step on CUDA: the update of a DiT-L's 458M
+    parameters is memory-bound, and foreach kernels make it about a fifth of a fast step. params: tensors or groups."""
+    params = [dict(g, params=list(g["params"])) if isinstance(g, dict) else g for g in params]
+    tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=tensors[0].is_cuda or None)
+
+
 def sampling_module(ema, args):
     """The EMA model for sampling: compiled with --compile (its in-place EMA updates reach the compiled graph,
     which reads the parameters at every call); the EMA module itself stays the one checkpoints store."""

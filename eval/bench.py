@@ -43,7 +43,7 @@ import dtr
 import task_diffusion as td
 from common.diffusion import create_diffusion
 from common.named_models import create_model
-from common.training_run import autocast, fail, make_ema, training_module, update_ema
+from common.training_run import adamw, autocast, fail, make_ema, training_module, update_ema
 from common.transformer import Attention
 
 # Dense bf16 tensor-core peak (TFLOP/s) per GPU name, from NVIDIA's data sheets; --peak-tflops overrides.
@@ -415,7 +415,8 @@ def bench_odsf(args, device, results):
 #################################################################################
 # The official recipe, reproduced in-process on our same model: DiT's train.py trains in fp32 (TF32 matmuls
 # allowed), with timm 0.x's Attention (softmax(q k^T / sqrt(d)) v written out), no compile, and an EMA that loops
-# over the parameters. Ours: bf16 autocast on CUDA, F.scaled_dot_product_attention, --compile, a fused EMA.
+# over the parameters. Ours, as the scripts train: bf16 autocast on CUDA, F.scaled_dot_product_attention, --compile,
+# fused AdamW on CUDA, a one-op EMA (torch._foreach_lerp_).
 
 def timm_attention_forward(self, x):
     """timm 0.x Attention.forward, as DiT's models.py uses it: the attention matrix is materialised."""
@@ -450,12 +451,17 @@ def recipe_loss(model, diffusion, x, y, t, noise, bf16):
         return diffusion.training_losses(model, x, t, dict(y=y), noise=noise)["loss"].mean()
 
 
-def recipe_step(model, diffusion, batch, bf16, ema_update, loss_fn=None):
+def official_adamw(params, lr):
+    """DiT train.py's optimiser: torch's default AdamW (foreach kernels on CUDA)."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0)
+
+
+def recipe_step(model, diffusion, batch, bf16, ema_update, loss_fn=None, optimizer=adamw):
     """One full training step (fwd + bwd + AdamW + EMA) on a fixed batch; `model` may be a compiled wrapper.
-    loss_fn(module, x, y, t) replaces the plain loss (ANT-UW)."""
+    loss_fn(module, x, y, t) replaces the plain loss (ANT-UW); optimizer: ours (fused on CUDA) or official_adamw."""
     bare = getattr(model, "_orig_mod", model)
     params = [p for p in bare.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params + (list(loss_fn.extra_params) if loss_fn else []), lr=1e-4, weight_decay=0)
+    opt = optimizer(params + (list(loss_fn.extra_params) if loss_fn else []), lr=1e-4)
     ema = make_ema(bare)
     x, y = batch
 
@@ -508,7 +514,7 @@ def bench_anchor(args, device, results):
     fast = argparse.Namespace(compile=args.compile, grad_checkpoint=False)
     ours = training_module(model, fast)  # ANT-UW runs the same module on the same shapes: no second compile
     steps = {"ours": recipe_step(ours, diffusion, batch, args.bf16, update_ema),
-             "official": recipe_step(official, diffusion, batch, False, official_update_ema),
+             "official": recipe_step(official, diffusion, batch, False, official_update_ema, optimizer=official_adamw),
              "ours-dtr": recipe_step(training_module(routed, fast), diffusion, batch, args.bf16, update_ema),
              "ours-ant-uw": recipe_step(ours, diffusion, batch, args.bf16, update_ema,
                                         UWLoss(diffusion, k, device, args.bf16))}
@@ -519,8 +525,9 @@ def bench_anchor(args, device, results):
     what = "peak memory" if device.type == "cuda" else "saved activations"
     bf16 = args.bf16 and device.type == "cuda"
     print(f"[anchor] {args.model} batch {B} on {args.latent_size}x{args.latent_size}x4, one step fwd+bwd+AdamW+EMA; "
-          f"ours: bf16={bf16}, SDPA, compile={args.compile}; official: fp32 (TF32 on CUDA), softmax(QK^T)V, no "
-          f"compile; {flops / B / 1e9:.2f} GFLOP/image (FlopCounterMode)")
+          f"ours: bf16={bf16}, SDPA, compile={args.compile}, fused AdamW={device.type == 'cuda'}; official: fp32 "
+          f"(TF32 on CUDA), softmax(QK^T)V, no compile, foreach AdamW; {flops / B / 1e9:.2f} GFLOP/image "
+          f"(FlopCounterMode)")
     for name in ("ours", "official"):
         tflops = flops / sec[name] / 1e12
         mfu = f"MFU {tflops / peak:.1%} of {peak:g} bf16 TFLOP/s" if peak else "MFU n/a (no bf16 peak for this device)"
@@ -699,7 +706,7 @@ def gpu_check(args, device):
             part_start = time.perf_counter()
             try:
                 run()
-            except Exception as e:  # one broken part must not cost the other parts their turn on the GPU
+            except (Exception, SystemExit) as e:  # one broken part (or fail()) must not cost the others their turn
                 traceback.print_exc()
                 results[f"{name}_error"] = f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
             seconds[name] = f"{time.perf_counter() - part_start:.0f}"

@@ -39,6 +39,7 @@ from common.training_run import (add_run_args, all_reduce_mean, all_reduce_mean_
                                  end_of_step, fail, finish_training, infinite_loader, init_distributed, load_checkpoint,
                                  load_model_state, make_ema, one_line_errors, resume_training, run_dir_of, update_ema,
                                  wrap_ddp)
+from common.training_run import adamw, sampling_module, training_module  # the fast path
 from data.labelled_images import create_dataset, fixed_batch, training_batch
 
 
@@ -339,6 +340,13 @@ def stratified_timesteps(intervals, batch_size, generator=None, device="cpu"):
 #                 MTL Methods over Cluster Losses (Sec. 4.2)                    #
 #################################################################################
 
+def cluster_counts(cluster_ids, k):
+    """Samples per cluster, [k] int64: a scatter-add, since torch.bincount on CUDA reads its maximum back to the
+    host (a sync every step)."""
+    return torch.zeros(k, dtype=torch.long, device=cluster_ids.device).index_add_(0, cluster_ids,
+                                                                                  torch.ones_like(cluster_ids))
+
+
 def cluster_losses(per_sample_loss, cluster_ids, k):
     """(L[k], present[k]): L_i = mean of cluster i's per-sample losses / k; absent clusters give 0, present False.
 
@@ -349,7 +357,7 @@ def cluster_losses(per_sample_loss, cluster_ids, k):
         raise ValueError(f"per_sample_loss {tuple(per_sample_loss.shape)} and cluster_ids "
                          f"{tuple(cluster_ids.shape)} must both be (B,); reduce the loss per sample first")
     sums = per_sample_loss.new_zeros(k).index_add(0, cluster_ids, per_sample_loss)
-    counts = torch.bincount(cluster_ids, minlength=k)
+    counts = cluster_counts(cluster_ids, k)
     present = counts > 0
     means = sums / counts.clamp(min=1).to(sums.dtype)  # absent: 0 / 1 = 0, never NaN
     return means / k, present
@@ -579,7 +587,7 @@ def mse_weight(kind, diffusion, t, min_snr_gamma=5.0, p2_k=1.0, p2_gamma=1.0):
     on the eps-MSE term only) or P2, 1 / (k + SNR)^gamma with k = 1, gamma in {0.5, 1}; None = plain."""
     if kind == "none":
         return None
-    snr_t = torch.as_tensor(diffusion.snr, device=t.device)[t].float()
+    snr_t = diffusion._extract("snr", t, 1)  # cached on the device: no host-to-device copy per step
     if kind == "min-snr":
         return min_snr_weight(snr_t, min_snr_gamma)
     if kind == "p2":
@@ -714,15 +722,15 @@ def train(args):
     clusters = ClusterLoss(intervals, T).to(device)
     state = mtl_state(args.mtl, k, args.seed, device) if args.mtl != "none" else {}
     groups = [{"params": model.parameters()}] + ([state["uw"].param_group(lr=args.uw_lr)] if "uw" in state else [])
-    opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0)
+    opt = adamw(groups, lr=args.lr)
     step = resume_training(run, model, ema, opt, clusters=clusters, uw=state.get("uw"), nash=state.get("nash"))
-    ddp = wrap_ddp(model, device, run.world_size)
+    ddp = training_module(wrap_ddp(model, device, run.world_size), args)
     loader = infinite_loader(dataset, batch_size, run.rank, run.world_size, args.seed, step, args.num_workers, device)
     run.log(f"{args.model}, {args.clustering} clustering k={k}: {format_intervals(clusters.interval_list)}; "
             f"mtl={args.mtl}, loss weight={args.loss_weight}, timesteps [{t_lo}, {t_hi}]; "
             f"{sum(p.numel() for p in model.parameters()):,} parameters; {len(dataset):,} training items; "
             f"world size {run.world_size}, batch {batch_size}/rank; results in {run.dir}")
-    sample = sample_grid_writer(ema, args, device)
+    sample = sample_grid_writer(sampling_module(ema, args), args, device)
     params = list(model.parameters())
     # summed on-device, synced only when logging: loss, steps, per-cluster mean losses, per-cluster presence
     running = torch.zeros(2 + 2 * k, device=device)
@@ -753,7 +761,7 @@ def train(args):
         weight = mse_weight(args.loss_weight, diffusion, t, args.min_snr_gamma, 1.0, args.p2_gamma)
         loss_fn = functools.partial(batch_cluster_losses, diffusion, ddp, x, y, t, clusters, weight=weight,
                                     bf16=args.bf16)
-        counts = torch.bincount(clusters.cluster_of[t], minlength=k)
+        counts = cluster_counts(clusters.cluster_of[t], k)
         opt.zero_grad(set_to_none=True)
         if args.mtl == "none":
             losses, present = loss_fn(False)

@@ -32,6 +32,7 @@ from common.named_models import create_model
 from common.training_run import (add_run_args, all_reduce_mean, all_reduce_mean_, autocast, cleanup_distributed,
                                  end_of_step, fail, finish_training, infinite_loader, init_distributed, make_ema,
                                  one_line_errors, resume_training, run_dir_of, update_ema, wrap_ddp)
+from common.training_run import adamw, sampling_module, training_module  # the fast path
 from common.unet import AttentionBlock, ResBlock
 from data.labelled_images import create_dataset, fixed_batch, training_batch
 
@@ -225,10 +226,10 @@ def train(args):
         clusters = ClusterLoss(uniform_intervals(diffusion.num_timesteps, args.ant_k)).to(device)
         uw = UncertaintyWeighting(args.ant_k).to(device)
     groups = [{"params": model.parameters()}] + ([uw.param_group(lr=args.uw_lr)] if uw else [])
-    opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0)
+    opt = adamw(groups, lr=args.lr)
     step = resume_training(run, model, ema, opt, uw=uw)
     # masks are buffers that never change: no need to broadcast them on every forward
-    ddp = wrap_ddp(model, device, run.world_size, broadcast_buffers=False)
+    ddp = training_module(wrap_ddp(model, device, run.world_size, broadcast_buffers=False), args)
     loader = infinite_loader(dataset, batch_size, run.rank, run.world_size, args.seed, step, args.num_workers, device)
     routers = [m for m in model.modules() if isinstance(m, (DiTRouter, ChannelRouter))]
     if run.rank == 0 and routers:
@@ -237,7 +238,7 @@ def train(args):
     run.log(f"{args.model} + routing={args.routing} (beta={args.beta}, alpha={args.alpha}): "
             f"{sum(p.numel() for p in model.parameters()):,} parameters; {len(dataset):,} training items; "
             f"world size {run.world_size}, batch {batch_size}/rank; results in {run.dir}")
-    sample = sample_grid_writer(ema, args, device)
+    sample = sample_grid_writer(sampling_module(ema, args), args, device)
     running = torch.zeros(2, device=device)  # (sum of losses, count): summed on-device, synced only when logging
 
     def metrics():

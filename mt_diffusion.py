@@ -23,6 +23,7 @@ from common.training_run import (TrainingRun, add_run_args, all_reduce_mean, aut
                                  fail, fill_defaults, finish_training, infinite_loader, init_distributed,
                                  load_checkpoint, load_model_state, make_ema, random_hflip, resume_training, run_dir_of,
                                  save_image_grid, seed_step, update_ema, wrap_ddp)
+from common.training_run import adamw, training_module  # the fast path
 from common.unet import EncoderUNetModel, UNetModel
 from common.vae import load_vae
 from data.image_folder import ImageFolder
@@ -438,10 +439,10 @@ def train(args):
     batch_size = run.batch_size
     dataset, eval_set, task, model, sched = build(args, device)
     ema = make_ema(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0)
+    opt = adamw(model.parameters(), lr=args.lr)
 
     step = resume_training(run, model, ema, opt)
-    ddp = wrap_ddp(model, device, world_size)
+    ddp = training_module(wrap_ddp(model, device, world_size), args)
     loader = infinite_loader(dataset, batch_size, rank, world_size, args.seed, step, args.num_workers, device)
     run.log(f"MT-Diffusion-{args.variant} {args.setting} ({args.model}, head {type(model.head).__name__} on "
             f"{model.head_input}): {sum(p.numel() for p in model.parameters()):,} parameters; {len(dataset):,} "

@@ -37,6 +37,7 @@ from common.training_run import (TrainingRun, add_run_args, all_reduce_mean, aut
                                  fail, fill_defaults, finish_training, init_distributed, load_model_state, make_ema,
                                  one_line_errors, resume_training, run_dir_of, save_image_grid, seed_step, update_ema,
                                  wrap_ddp)
+from common.training_run import training_module  # --compile, --grad-checkpoint
 from common.vit import VisionTransformer, vit_base_patch16, vit_large_patch16
 from data.dense import ImageNetStandardised, denormalize_tensor, random_flip_batch, training_loader
 from eval.dense_metrics import (DepthMeter, EdgeMeter, NormalsMeter, SaliencyMeter, SegMeter, delta_m,
@@ -555,7 +556,7 @@ def train(args, rank, world_size, device):
                            weight_decay=args.weight_decay)
 
     step = resume_training(run, model, ema, opt)
-    ddp = wrap_ddp(model, device, world_size)  # BatchNorm statistics: DDP's default buffer broadcast keeps them equal
+    ddp = training_module(wrap_ddp(model, device, world_size), args)  # BatchNorm statistics: DDP's default buffer broadcast keeps them equal
     loader = training_loader(dataset, batch_size, rank, world_size, args.seed, step, args.num_workers, device)
     run.log(f"TaskDiffusion {args.backbone} C={args.embed_dim} decoder={args.decoder} interaction={args.interaction} "
             f"level-interaction={not args.no_level_interaction} label-encoding={args.label_encoding} "

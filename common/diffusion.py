@@ -161,7 +161,10 @@ class GaussianDiffusion:
 
     # ----- model outputs -----------------------------------------------------
     def _run_model(self, model, x, t, model_kwargs):
-        return model(x, self.timestep_map.to(t.device)[t], **(model_kwargs or {})).float()
+        key = ("timestep_map", t.device)
+        if key not in self._cache:  # copied once per device: a copy per call would be a host-device sync per step
+            self._cache[key] = self.timestep_map.to(t.device)
+        return model(x, self._cache[key][t], **(model_kwargs or {})).float()
 
     def p_mean_variance(self, model, x, t, clip_denoised=False, model_kwargs=None, model_output=None):
         """p(x_{t-1} | x_t): mean, variance, log-variance and the predicted x_0 / eps."""

@@ -45,7 +45,8 @@ class TimestepEmbedder(nn.Module):
         f_k = max_period^(-k / half), k = 0..half-1 (GLIDE's `timestep_embedding`; cos first, as upstream).
         """
         half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half).to(t.device)
+        # built on t's device: a CPU tensor moved there would be a host-to-device copy (and sync) per forward
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
         args = t[:, None].float() * freqs[None]
         embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         if dim % 2:  # pad an odd dim with one zero column
@@ -76,12 +77,18 @@ class LabelEmbedder(nn.Module):
             drop_ids = force_drop_ids == 1
         return torch.where(drop_ids, self.num_classes, labels)
 
-    def forward(self, labels, train, force_drop_ids=None):
-        # checked on CPU only: on CUDA the check would cost a host-device sync every step
+    def check_labels(self, labels):
+        """A readable error for out-of-range labels; on CPU only (on CUDA it would cost a host-device sync every
+        step) and not under torch.compile (a data-dependent branch breaks the graph)."""
         num_rows = self.embedding_table.num_embeddings
-        if not labels.is_cuda and labels.numel() and (labels.min() < 0 or labels.max() >= num_rows):
+        if labels.is_cuda or torch.compiler.is_compiling() or not labels.numel():
+            return
+        if labels.min() < 0 or labels.max() >= num_rows:
             raise ValueError(f"class labels must lie in [0, {num_rows - 1}] "
                              f"(null class = num_classes = {self.num_classes} needs class_dropout_prob > 0)")
+
+    def forward(self, labels, train, force_drop_ids=None):
+        self.check_labels(labels)
         use_dropout = self.dropout_prob > 0
         if (train and use_dropout) or (force_drop_ids is not None):
             labels = self.token_drop(labels, force_drop_ids)
@@ -162,7 +169,7 @@ class DiT(nn.Module):
         # Task-routing hook (set by dtr.py): if not None, forward runs block i as router(block, x, c, t, i) with
         # t the raw (B,) timesteps given to forward, so the router can pick block i's per-timestep channel mask.
         self.router = None
-        self.grad_checkpointing = False  # recompute block activations in backward to save memory
+        self.grad_checkpoint = False  # recompute block activations in backward to save memory (--grad-checkpoint)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -221,7 +228,7 @@ class DiT(nn.Module):
         h = self.x_embedder(x) + self.pos_embed  # (N, T, D), T = H * W / patch_size ** 2
         c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
         for i, block in enumerate(self.blocks):
-            if self.grad_checkpointing and torch.is_grad_enabled():
+            if self.grad_checkpoint and torch.is_grad_enabled():
                 h = checkpoint(self._run_block, block, h, c, t, i, use_reentrant=False)
             else:
                 h = self._run_block(block, h, c, t, i)

@@ -5,7 +5,7 @@ Module and parameter names are those of upstream (`input_blocks.N.M...`, `middle
 `fp16_util.py`. Differences from upstream, none of which changes a parameter or a result:
 - attention runs through F.scaled_dot_product_attention (same math as upstream's einsum formulation);
 - gradient checkpointing uses torch.utils.checkpoint and honours `use_checkpoint` in AttentionBlock too
-  (upstream always checkpoints attention);
+  (upstream always checkpoints attention); each block keeps it as `grad_checkpoint` (set by --grad-checkpoint);
 - the timestep tensor `t` is passed down to every ResBlock / AttentionBlock, which apply `self.router(h, t)`
   after their first GroupNorm when a router is set (task routing, DTR; `router = None` is plain ADM);
 - `forward(..., return_features=True)` also returns the middle-block and penultimate features (MT-Diffusion).
@@ -142,7 +142,7 @@ class AttentionBlock(nn.Module):
                              f"pick num_head_channels dividing every level's width")
         else:
             self.num_heads = channels // num_head_channels
-        self.use_checkpoint = use_checkpoint
+        self.grad_checkpoint = use_checkpoint
         self.norm = normalization(channels)
         self.qkv = conv_nd(1, channels, channels * 3, 1)
         # new order: split qkv before heads; legacy: split heads before qkv (same params, different layout)
@@ -151,7 +151,7 @@ class AttentionBlock(nn.Module):
         self.router = None  # task-routing hook (dtr.py), see _forward
 
     def forward(self, x, t=None):
-        if self.use_checkpoint and torch.is_grad_enabled():
+        if self.grad_checkpoint and torch.is_grad_enabled():
             return checkpoint(self._forward, x, t, use_reentrant=False)
         return self._forward(x, t)
 
@@ -243,7 +243,7 @@ class ResBlock(nn.Module):
         self.dropout = dropout
         self.out_channels = out_channels or channels
         self.use_conv = use_conv
-        self.use_checkpoint = use_checkpoint
+        self.grad_checkpoint = use_checkpoint
         self.use_scale_shift_norm = use_scale_shift_norm
 
         self.in_layers = nn.Sequential(
@@ -280,7 +280,7 @@ class ResBlock(nn.Module):
         self.router = None  # task-routing hook (dtr.py), see _forward
 
     def forward(self, x, emb, t=None):
-        if self.use_checkpoint and torch.is_grad_enabled():
+        if self.grad_checkpoint and torch.is_grad_enabled():
             return checkpoint(self._forward, x, emb, t, use_reentrant=False)
         return self._forward(x, emb, t)
 

@@ -13,6 +13,7 @@ import os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from common.transformer import Attention, Mlp, PatchEmbed
 
@@ -110,6 +111,7 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias, rate) for rate in rates])
         self.norm = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.grad_checkpoint = False  # recompute block activations in backward to save memory (--grad-checkpoint)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -160,7 +162,7 @@ class VisionTransformer(nn.Module):
 
         wanted, features = set(layers), {}
         for index, block in enumerate(self.blocks[:max(layers)], start=1):
-            tokens = block(tokens)
+            tokens = self._run_block(block, tokens)
             if index in wanted:
                 out = self.norm(tokens) if index == self.depth else tokens
                 out = out[:, num_prefix:].transpose(1, 2).reshape(B, self.embed_dim, grid_h, grid_w)
@@ -174,8 +176,14 @@ class VisionTransformer(nn.Module):
         pos_embed = self.pos_embed_for_grid((x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size))
         tokens = torch.cat([self.cls_token.expand(B, -1, -1), tokens], dim=1) + pos_embed
         for block in self.blocks:
-            tokens = block(tokens)
+            tokens = self._run_block(block, tokens)
         return self.head(self.norm(tokens)[:, 0])
+
+    def _run_block(self, block, tokens):
+        if self.grad_checkpoint and torch.is_grad_enabled():
+            # the recomputation replays the RNG state (preserve_rng_state): the same drop-path masks as the forward
+            return checkpoint(block, tokens, use_reentrant=False)
+        return block(tokens)
 
     # ---------------------------------------------------------------- loading timm weights
     def load_timm_state_dict(self, state_dict):

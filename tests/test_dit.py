@@ -268,7 +268,7 @@ def test_grad_checkpointing_gives_same_gradients():
         return [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
     plain = grads()
-    model.grad_checkpointing = True
+    model.grad_checkpoint = True
     model.router = RecordingRouter()  # the router runs inside the checkpointed call
     for a, b in zip(plain, grads()):
         torch.testing.assert_close(a, b)

@@ -10,11 +10,12 @@ Min-SNR / P2 / ANT-UW weighting, (3) the training loop (DiT train.py conventions
 `.npz` export, (5) main(). Paper equations that the text extraction lost are stated in the project SPEC
 (../shared/SPEC.md) and were checked against byeongjun-park/DTR (`models/taskrouting.py`, `models/DiT/models.py`).
 
-    python dtr.py                                                   # tiny DiT + DTR on the synthetic set, CPU
+    python dtr.py                 # demo: tiny DiTs, DTR vs vanilla on the synthetic set, judged (compare.csv), CPU
     torchrun --nproc_per_node=8 dtr.py --model DiT-L/2 --data <latent dir> --latent   # the paper's run
 """
 import argparse
 import os
+import sys
 
 import numpy as np
 import torch
@@ -34,6 +35,7 @@ from common.training_run import (add_run_args, all_reduce_mean, all_reduce_mean_
                                  one_line_errors, resume_training, run_dir_of, update_ema, wrap_ddp)
 from common.unet import AttentionBlock, ResBlock
 from data.labelled_images import create_dataset, fixed_batch, training_batch
+from eval.demo_comparison import add_compare_args, comparison_requested, run_comparison
 
 #################################################################################
 #                      Routing masks (Sec. 4.2, Eq. 4)                          #
@@ -350,9 +352,12 @@ def parse_args(argv=None):
     add_sampling_args(p, cfg_channels="all")
     p.add_argument("--cka", action="store_true", help="write the Fig. 6 CKA heat-maps of --ckpt and exit")
     add_run_args(p)
+    add_compare_args(p)
+    argv = sys.argv[1:] if argv is None else argv
     args = finish_args(p, p.parse_args(argv), DEMO, PAPER)
     if (args.sample_only or args.cka) and not args.ckpt:
         p.error("--sample-only and --cka need --ckpt PATH")
+    args.compare = comparison_requested(args, argv) and not (args.sample_only or args.cka)
     if not (args.sample_only or args.cka):  # training: the paper's routing unless told otherwise
         args.routing, args.beta, args.alpha = args.routing or "dtr", args.beta or 0.8, args.alpha or 4.0
     return args
@@ -380,6 +385,16 @@ def cka_analysis(args, num_images=64, num_timesteps=20):
     return path
 
 
+def compare(args):
+    """The demo (Sec. 5's claim at CPU scale): this routing and vanilla DiT trained alike, their samples judged by
+    the shape classifier (eval/demo_comparison.py); returns the comparison folder."""
+    if args.routing == "none":
+        fail("--compare trains vanilla beside a routed DiT: use --routing dtr or random")
+    name = {"dtr": "DTR", "random": "R-TR"}[args.routing]
+    variants = [(name, dict(routing=args.routing)), ("vanilla", dict(routing="none"))]
+    return run_comparison(train, args, variants, "dtr", checkpoint_routing(args), setting="routing")
+
+
 @one_line_errors
 def main(argv=None):
     args = parse_args(argv)
@@ -387,7 +402,7 @@ def main(argv=None):
         return cka_analysis(args)
     if args.sample_only:  # EMA weights, routing rebuilt or read off the file
         return sample_main(args, "dtr", checkpoint_routing(args))
-    return train(args)
+    return compare(args) if args.compare else train(args)
 
 
 if __name__ == "__main__":

@@ -360,6 +360,8 @@ def parse_args(argv=None):
     args.compare = comparison_requested(args, argv) and not (args.sample_only or args.cka)
     if not (args.sample_only or args.cka):  # training: the paper's routing unless told otherwise
         args.routing, args.beta, args.alpha = args.routing or "dtr", args.beta or 0.8, args.alpha or 4.0
+    if args.compare and args.routing == "none":
+        p.error("--compare trains vanilla beside a routed DiT: use --routing dtr or random")
     return args
 
 
@@ -388,8 +390,6 @@ def cka_analysis(args, num_images=64, num_timesteps=20):
 def compare(args):
     """The demo (Sec. 5's claim at CPU scale): this routing and vanilla DiT trained alike, their samples judged by
     the shape classifier (eval/demo_comparison.py); returns the comparison folder."""
-    if args.routing == "none":
-        fail("--compare trains vanilla beside a routed DiT: use --routing dtr or random")
     name = {"dtr": "DTR", "random": "R-TR"}[args.routing]
     variants = [(name, dict(routing=args.routing)), ("vanilla", dict(routing="none"))]
     return run_comparison(train, args, variants, "dtr", checkpoint_routing(args), setting="routing")

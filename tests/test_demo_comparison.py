@@ -64,7 +64,7 @@ def test_compare_csv_rows_are_the_judge_of_each_variants_saved_samples(tmp_path)
             warnings.simplefilter("ignore")
             expected = sc.judge_samples(judge, x, torch.from_numpy(labels))
         assert float(row["accuracy"]) == pytest.approx(expected["accuracy"], abs=1e-9)
-        assert float(row["fd_synthetic"]) == pytest.approx(expected["fd_synthetic"], rel=1e-9)
+        assert float(row["fd_synthetic"]) == pytest.approx(expected["fd_synthetic"], rel=1e-6)
         scores.append(float(row["fd_synthetic"]))
     assert scores[0] != pytest.approx(scores[1], rel=1e-6)  # the two variants' samples differ: rows can't swap unseen
     grid = Image.open(os.path.join(out, "compare.png"))

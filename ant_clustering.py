@@ -9,7 +9,7 @@ weighting, PCGrad, Nash-MTL, RLW / LS, then the loss (stratified batches, Min-SN
 Where the paper text lost Section 4, the project SPEC (../shared/SPEC.md, "ANT") is followed; upstream is
 gohyojun15/ANT_diffusion.
 
-    python ant_clustering.py                          # demo: affinity, 3 clusterings, ANT-UW on the synthetic set, CPU
+    python ant_clustering.py              # demo: affinity, 3 clusterings, ANT-UW vs vanilla on the synthetic set, CPU
     torchrun --nproc_per_node=8 ant_clustering.py --model DiT-L/2 --data <latent dir> --latent --mtl uw
     python ant_clustering.py --task-affinity run/checkpoints/*.pt     # Fig. 1 from a run's checkpoints
     python ant_clustering.py --data <dir> --mtl none --t-range 0 199  # an interval specialist for D[1, 200]
@@ -20,6 +20,7 @@ import contextlib
 import functools
 import math
 import os
+import sys
 
 import numpy as np
 import torch
@@ -41,6 +42,7 @@ from common.training_run import (add_run_args, all_reduce_mean, all_reduce_mean_
                                  wrap_ddp)
 from common.training_run import adamw, sampling_module, training_module  # the fast path
 from data.labelled_images import create_dataset, fixed_batch, training_batch
+from eval.demo_comparison import add_compare_args, comparison_requested, run_comparison
 
 
 #################################################################################
@@ -885,7 +887,12 @@ def parse_args(argv=None):
     p.add_argument("--ref", default=None, help="reference images/statistics .npz: --ntg then prints FIDs and NTG")
     p.add_argument("--inception-weights", default=None, help="FID Inception weights for --ref")
     add_run_args(p)
+    add_compare_args(p)
+    argv = sys.argv[1:] if argv is None else argv
     args = finish_args(p, p.parse_args(argv), DEMO, PAPER)
+    args.compare = comparison_requested(args, argv) and not (args.sample_only or args.ntg or args.task_affinity)
+    if args.compare and (args.mtl == "none" or args.t_range):
+        p.error("--compare trains vanilla beside an MTL method: pick --mtl uw|pcgrad|nash|ls|rlw, no --t-range")
     if args.t_range is not None:
         t1, t2 = args.t_range
         if not 0 <= t1 <= t2 <= 999:
@@ -927,6 +934,13 @@ def affinity_analysis(args):
     return affinity
 
 
+def compare(args):
+    """The demo: this MTL method over the clusters and vanilla DiT (--mtl none) trained alike, their samples judged
+    by the shape classifier (eval/demo_comparison.py); returns the comparison folder."""
+    variants = [(f"ANT-{args.mtl.upper()}", dict(mtl=args.mtl)), ("vanilla", dict(mtl="none"))]
+    return run_comparison(train, args, variants, "ant_clustering", refuse_routing, setting="mtl")
+
+
 @one_line_errors
 def main(argv=None):
     args = parse_args(argv)
@@ -934,7 +948,9 @@ def main(argv=None):
         return affinity_analysis(args)
     if args.ntg:
         return negative_transfer_gap(args)
-    return sample_main(args, "ant_clustering", refuse_routing) if args.sample_only else train(args)
+    if args.sample_only:
+        return sample_main(args, "ant_clustering", refuse_routing)
+    return compare(args) if args.compare else train(args)
 
 
 if __name__ == "__main__":

@@ -10,11 +10,12 @@ Min-SNR / P2 / ANT-UW weighting, (3) the training loop (DiT train.py conventions
 `.npz` export, (5) main(). Paper equations that the text extraction lost are stated in the project SPEC
 (../shared/SPEC.md) and were checked against byeongjun-park/DTR (`models/taskrouting.py`, `models/DiT/models.py`).
 
-    python dtr.py                                                   # tiny DiT + DTR on the synthetic set, CPU
+    python dtr.py                 # demo: tiny DiTs, DTR vs vanilla on the synthetic set, judged (compare.csv), CPU
     torchrun --nproc_per_node=8 dtr.py --model DiT-L/2 --data <latent dir> --latent   # the paper's run
 """
 import argparse
 import os
+import sys
 
 import numpy as np
 import torch
@@ -35,6 +36,7 @@ from common.training_run import (add_run_args, all_reduce_mean, all_reduce_mean_
 from common.training_run import adamw, sampling_module, training_module  # the fast path
 from common.unet import AttentionBlock, ResBlock
 from data.labelled_images import create_dataset, fixed_batch, training_batch
+from eval.demo_comparison import add_compare_args, comparison_requested, run_comparison
 
 #################################################################################
 #                      Routing masks (Sec. 4.2, Eq. 4)                          #
@@ -331,8 +333,9 @@ def checkpoint_routing(args):
 # Defaults: the paper's ImageNet-256 run (App. C) on real data; a CPU-sized demo on --data synthetic.
 PAPER = dict(steps=400_000, global_batch_size=256, lr=1e-4, ema_decay=0.9999, num_workers=4, log_every=100,
              ckpt_every=50_000, sample_every=10_000, image_size=256, num_sampling_steps=250)
-DEMO = dict(steps=800, global_batch_size=32, lr=1e-3, ema_decay=0.995, num_workers=0, log_every=50,
-            ckpt_every=400, sample_every=400, image_size=32, num_sampling_steps=50)
+# The demo's settings were tuned so that both models' samples pass the shape classifier within minutes (README).
+DEMO = dict(steps=1000, global_batch_size=32, lr=2e-3, ema_decay=0.99, num_workers=0, log_every=100,
+            ckpt_every=1000, sample_every=1000, image_size=16, num_sampling_steps=50)
 
 
 def parse_args(argv=None):
@@ -351,11 +354,16 @@ def parse_args(argv=None):
     add_sampling_args(p, cfg_channels="all")
     p.add_argument("--cka", action="store_true", help="write the Fig. 6 CKA heat-maps of --ckpt and exit")
     add_run_args(p)
+    add_compare_args(p)
+    argv = sys.argv[1:] if argv is None else argv
     args = finish_args(p, p.parse_args(argv), DEMO, PAPER)
     if (args.sample_only or args.cka) and not args.ckpt:
         p.error("--sample-only and --cka need --ckpt PATH")
+    args.compare = comparison_requested(args, argv) and not (args.sample_only or args.cka)
     if not (args.sample_only or args.cka):  # training: the paper's routing unless told otherwise
         args.routing, args.beta, args.alpha = args.routing or "dtr", args.beta or 0.8, args.alpha or 4.0
+    if args.compare and args.routing == "none":
+        p.error("--compare trains vanilla beside a routed DiT: use --routing dtr or random")
     return args
 
 
@@ -381,6 +389,14 @@ def cka_analysis(args, num_images=64, num_timesteps=20):
     return path
 
 
+def compare(args):
+    """The demo (Sec. 5's claim at CPU scale): this routing and vanilla DiT trained alike, their samples judged by
+    the shape classifier (eval/demo_comparison.py); returns the comparison folder."""
+    name = {"dtr": "DTR", "random": "R-TR"}[args.routing]
+    variants = [(name, dict(routing=args.routing)), ("vanilla", dict(routing="none"))]
+    return run_comparison(train, args, variants, "dtr", checkpoint_routing(args), setting="routing")
+
+
 @one_line_errors
 def main(argv=None):
     args = parse_args(argv)
@@ -388,7 +404,7 @@ def main(argv=None):
         return cka_analysis(args)
     if args.sample_only:  # EMA weights, routing rebuilt or read off the file
         return sample_main(args, "dtr", checkpoint_routing(args))
-    return train(args)
+    return compare(args) if args.compare else train(args)
 
 
 if __name__ == "__main__":

@@ -398,6 +398,21 @@ def save_image_grid(images, path, nrow=8):
     os.replace(tmp, path)
 
 
+def numbered_dir(root, name):
+    """Make root/NNN-<name> with NNN one above the highest index in root: a deleted folder's number is never reused
+    (counting folders would hand out the next run's number again and append to it)."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "-", name)
+    os.makedirs(root, exist_ok=True)
+    while True:
+        taken = [int(m[1]) for d in os.listdir(root) for m in [re.match(r"(\d{3,})-", d)] if m]
+        candidate = os.path.join(root, f"{max(taken, default=-1) + 1:03d}-{safe}")
+        try:
+            os.makedirs(candidate)  # exist_ok=False: a concurrent launch that took it makes us retry
+            return candidate
+        except FileExistsError:
+            continue
+
+
 class TrainingRun:
     """One run's folder `results/NNN-<name>/` with log.txt, metrics.csv, checkpoints/ and samples/.
 
@@ -440,21 +455,8 @@ class TrainingRun:
 
     # ----- folders -----------------------------------------------------------
     def _new_dir(self, root, name):
-        """root/NNN-<name> with NNN one above the highest index in root: a deleted folder's number is never reused
-        (counting folders would hand out the next run's number again and append to it)."""
-        safe = re.sub(r"[^A-Za-z0-9_.-]", "-", name)
-        path = [None]
-        if self.rank == 0:
-            os.makedirs(root, exist_ok=True)
-            while True:
-                taken = [int(m[1]) for d in os.listdir(root) for m in [re.match(r"(\d{3,})-", d)] if m]
-                candidate = os.path.join(root, f"{max(taken, default=-1) + 1:03d}-{safe}")
-                try:
-                    os.makedirs(candidate)  # exist_ok=False: a concurrent launch that took it makes us retry
-                    break
-                except FileExistsError:
-                    continue
-            path[0] = candidate
+        """numbered_dir on rank 0, broadcast to the other ranks."""
+        path = [numbered_dir(root, name) if self.rank == 0 else None]
         if dist.is_initialized():
             dist.broadcast_object_list(path, src=0)
         return path[0]

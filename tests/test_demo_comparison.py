@@ -1,0 +1,106 @@
+"""The demos' comparison (eval/demo_comparison.py): the bare command turns it on, explicit flags do not; compare.csv
+holds one row per variant whose scores are the judge's on the saved samples of that variant; the labelled grid."""
+import csv
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ant_clustering as ant
+import dtr
+from eval import demo_comparison as dc
+from eval import shape_classifier as sc
+
+TINY = ["--steps", "4", "--image-size", "16", "--global-batch-size", "8", "--lr", "1e-2", "--log-every", "2",
+        "--num-sampling-steps", "2", "--compare-samples", "16"]
+
+
+def _cheap_judge(results_dir, num_classes=4, size=16):
+    """Plant a small trained judge in the cache, so that the comparison reads it instead of training its own."""
+    judge = sc.train_classifier(num_classes, size, num_images=400, epochs=2)
+    os.makedirs(results_dir, exist_ok=True)
+    torch.save(judge.state_dict(), os.path.join(results_dir, f"shape-classifier-c{num_classes}-s{size}-n4000-seed0.pt"))
+    return judge
+
+
+@pytest.mark.parametrize("script", [dtr, ant])
+def test_bare_command_compares_and_explicit_flags_do_not(script, monkeypatch):
+    monkeypatch.setattr("sys.argv", [f"{script.__name__}.py"])
+    assert script.parse_args().compare  # `python dtr.py`: argv from sys.argv
+    assert script.parse_args([]).compare
+    assert not script.parse_args(["--steps", "10"]).compare
+    assert not script.parse_args(["--no-compare"]).compare
+    assert script.parse_args(["--seeds", "0", "1"]).compare and script.parse_args(["--compare", "--steps", "5"]).compare
+
+
+def test_main_dispatches_the_bare_command_to_the_comparison(monkeypatch):
+    called = []
+    monkeypatch.setattr(dtr, "run_comparison", lambda train, args, variants, *a, **k: called.append(variants))
+    monkeypatch.setattr(dtr, "train", lambda args: called.append(("train", args.routing)))
+    dtr.main([])
+    dtr.main(["--routing", "none", "--steps", "2"])
+    assert called == [[("DTR", {"routing": "dtr"}), ("vanilla", {"routing": "none"})], ("train", "none")]
+
+
+def test_compare_csv_rows_are_the_judge_of_each_variants_saved_samples(tmp_path):
+    judge = _cheap_judge(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sqrtm of a 16-sample covariance in 64-d is singular
+        out = dtr.main(["--compare", "--results-dir", str(tmp_path), *TINY])
+    rows = list(csv.DictReader(open(os.path.join(out, "compare.csv"))))
+    assert list(rows[0]) == ["model", "routing", "steps", "accuracy", "fd_synthetic", "seed", "train_seconds"]
+    assert [(r["model"], r["routing"], r["steps"], r["seed"]) for r in rows] == [("DTR", "dtr", "4", "0"),
+                                                                                   ("vanilla", "none", "4", "0")]
+    scores = []
+    for row in rows:
+        saved = np.load(os.path.join(out, f"samples-{row['model']}-seed0.npz"))
+        images, labels = saved["arr_0"], saved["arr_1"]
+        assert images.shape == (16, 16, 16, 3) and images.dtype == np.uint8 and list(labels) == [0, 1, 2, 3] * 4
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            expected = sc.judge_samples(judge, x, torch.from_numpy(labels))
+        assert float(row["accuracy"]) == pytest.approx(expected["accuracy"], abs=1e-9)
+        assert float(row["fd_synthetic"]) == pytest.approx(expected["fd_synthetic"], rel=1e-6)
+        scores.append(float(row["fd_synthetic"]))
+    assert scores[0] != pytest.approx(scores[1], rel=1e-6)  # the two variants' samples differ: rows can't swap unseen
+    grid = Image.open(os.path.join(out, "compare.png"))
+    # 4 class rows of 64-px tiles below the title line; two blocks of 4 samples each (16 samples / 4 classes)
+    assert grid.size == (80 + 2 * (4 * 66 + 12), 24 + 4 * 66)
+    for name in ("000-dtr-DiT-Ti-4-dtr-beta0.8-alpha4-none-cosine", "001-dtr-DiT-Ti-4-vanilla-none-cosine"):
+        assert os.path.exists(os.path.join(out, name, "checkpoints", "0000004.pt"))
+
+
+def test_ant_compare_writes_method_and_vanilla_rows(tmp_path):
+    _cheap_judge(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = ant.main(["--results-dir", str(tmp_path), "--clustering", "timestep", "--k", "2", "--seeds", "3",
+                        *TINY])
+    rows = list(csv.DictReader(open(os.path.join(out, "compare.csv"))))
+    assert [(r["model"], r["mtl"], r["seed"]) for r in rows] == [("ANT-UW", "uw", "3"), ("vanilla", "none", "3")]
+    assert os.path.exists(os.path.join(out, "compare.png"))
+
+
+def test_table_over_seeds_reports_mean_and_sd():
+    rows = [dict(model=m, routing=r, steps=5, seed=s, accuracy=a, fd_synthetic=f, train_seconds=1.0)
+            for m, r, s, a, f in [("DTR", "dtr", 0, 0.9, 2.0), ("vanilla", "none", 0, 0.8, 3.0),
+                                  ("DTR", "dtr", 1, 0.7, 4.0), ("vanilla", "none", 1, 0.6, 5.0)]]
+    table = dc.comparison_table(rows, "routing").splitlines()
+    assert table[-2] == "| DTR | mean +- sd | | 2 seeds | 0.800 +- 0.141 | 3.00 +- 1.41 | |"
+    assert table[-1] == "| vanilla | mean +- sd | | 2 seeds | 0.700 +- 0.141 | 4.00 +- 1.41 | |"
+    assert len(dc.comparison_table(rows[:2], "routing").splitlines()) == 4  # one seed: no summary lines
+
+
+@pytest.mark.parametrize("flags, message", [(["--resume", "auto"], "drop --resume"),
+                                            (["--num-classes", "1"], "class-conditional")])
+def test_flags_the_comparison_cannot_honour_are_one_line_errors(tmp_path, flags, message, capsys):
+    with pytest.raises(SystemExit):
+        dtr.main(["--compare", "--results-dir", str(tmp_path), *flags])
+    assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        dtr.parse_args(["--compare", "--routing", "none"])
+    assert e.value.code == 2

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from common.diffusion import get_beta_schedule, mean_flat, space_timesteps
 from common.named_models import ADM_CONFIGS, ADM_SMALL
+from common.sampling import clips_predicted_x0
 from common.training_run import (TrainingRun, add_run_args, all_reduce_mean, autocast, cleanup_distributed, end_of_step,
                                  fail, fill_defaults, finish_training, infinite_loader, init_distributed,
                                  load_checkpoint, load_model_state, make_ema, random_hflip, resume_training, run_dir_of,
@@ -42,7 +43,7 @@ def task_weight_schedule(kind, num_timesteps, clamp=1.0, value=1.0):
         # App. E: w_t = t / (T - t), small at small t so heterogeneous tasks stay out of the nearly clean steps. It
         # is 1 at t = T/2 and infinite at t = T, hence the clamp (default 1: the tail is then App. E's w_t = 1 case).
         # Even so atilde_t (Eq. 4) reaches ~150 (linear) / ~270 (cosine) at T = 1000: the injection accumulates
-        # over the ~2/beta_t steps the chain remembers. `task_weights` rescales it (--atilde-max).
+        # over the ~2/beta_t steps the chain remembers; `task_weights`' 'paper-rescaled' scales it to O(1).
         if clamp is None or not 0 < clamp < float("inf"):
             raise ValueError(f"clamp={clamp}: the 'paper' task weights t/(T-t) are infinite at t = T; pass a finite "
                              f"clamp > 0, e.g. clamp=1.0")
@@ -154,14 +155,16 @@ def respace(sched, num_steps):
 
 
 def task_weights(kind, betas, clamp=1.0, value=1.0, atilde_max=1.0):
-    """w_t of Eq. (3) for --task-weight, rescaled so that max_t atilde_t = atilde_max (atilde is linear in w)."""
+    """w_t of Eq. (3) for --task-weight: 'paper' is exactly App. E's clamped t/(T-t); 'paper-rescaled' is that shape
+    times the one factor that makes max_t atilde_t = atilde_max (atilde is linear in w); 'constant' / 'zero'."""
     # The raw paper weights make z_t ~99% injected signal mid-chain (atilde ~150-270 vs. noise std <= 1), so the eps
-    # target drowns (in bf16 the resolution of a value ~270 is ~1, the size of the noise). Rescaling keeps the
-    # shape t / (T - t) and puts atilde_t E in O(1). atilde_max = 0 keeps the raw weights.
-    w = task_weight_schedule(kind, len(betas), clamp=clamp, value=value)
-    if atilde_max and kind != "zero":
-        w = w * (atilde_max / aggregation_coefficients(1.0 - torch.as_tensor(betas), w).max())
-    return w
+    # target is a small part of the input (in bf16 the resolution of a value ~270 is ~1, the size of the noise).
+    # The rescaled schedule (factor 3.7e-3 for cosine, T = 1000, atilde_max = 1) keeps t / (T - t) and puts
+    # atilde_t E in O(1). README: what each does to training.
+    if kind == "paper-rescaled":
+        w = task_weight_schedule("paper", len(betas), clamp=clamp)
+        return w * (atilde_max / aggregation_coefficients(1.0 - torch.as_tensor(betas), w).max())
+    return task_weight_schedule(kind, len(betas), clamp=clamp, value=value)
 
 
 #################################################################################
@@ -421,6 +424,11 @@ class Task:
             return (F.normalize(x.float(), dim=1) @ self.projection).reshape(shape)
         return to_diffusion_space(x, self.vae)
 
+    @property
+    def clip_denoised(self):
+        """Whether samplers clamp the predicted z_0 to [-1, 1]: for pixels, never for SD-VAE latents (~[-4, 4])."""
+        return clips_predicted_x0(latent=self.vae is not None)
+
     def init_modality(self, n, generator, device):
         """Algorithm 1 line 3: a random label or embedding when x_1 is not given."""
         if self.setting == "image-label":
@@ -579,9 +587,10 @@ def build(args, device):
 
 
 @torch.no_grad()
-def mt_sample(model, chain, encodings, shape, generator=None, known=None, task=None, x=None):
-    """Algorithm 1 on chain = respace(...); returns (z_0, x_1). With task given, x_1 is not initially available: it
-    starts at x (line 3) and is re-estimated from the head at every step (lines 7-10)."""
+def mt_sample(model, chain, encodings, shape, clip_denoised, generator=None, known=None, task=None, x=None):
+    """Algorithm 1 on chain = respace(...); returns (z_0, x_1). clip_denoised: Task.clip_denoised (pixels yes,
+    latents no). With task given, x_1 is not initially available: it starts at x (line 3) and is re-estimated from
+    the head at every step (lines 7-10)."""
     sched, timestep_map = chain
     state = {"x": x, "encodings": list(encodings)}
 
@@ -593,8 +602,7 @@ def mt_sample(model, chain, encodings, shape, generator=None, known=None, task=N
         state["encodings"] = [task.encode(state["x"], model.unet)]
         return eps.float(), state["encodings"]
 
-    pixels = task is None or task.vae is None  # ADM clips the denoised z_0 to the data range [-1, 1]
-    z0 = sample_loop(sched, eps_fn, encodings, shape, generator, known=known, clip_denoised=pixels)
+    z0 = sample_loop(sched, eps_fn, encodings, shape, generator, known=known, clip_denoised=clip_denoised)
     return z0, state["x"]
 
 
@@ -605,7 +613,7 @@ def restore(model, task, chain, images, keep, generator=None):
     encoding = task.encode(images * keep, model.unet)
     factor = images.shape[-1] // encoding.shape[-1]
     known = keep if factor == 1 else 1 - F.max_pool2d(1 - keep, factor)
-    z0, _ = mt_sample(model, chain, [encoding], encoding.shape, generator, known=(known, encoding))
+    z0, _ = mt_sample(model, chain, [encoding], encoding.shape, task.clip_denoised, generator, known=(known, encoding))
     return torch.where(keep.bool(), images, to_pixels(z0, task.vae))
 
 
@@ -633,15 +641,16 @@ def sample_grid(args, model, task, sched, show, path, log):
         keep = random_patch_mask(a.shape[0], args.max_patches, a.shape[-1], task.patch_size, gen, device=device)
         restored = restore(model, task, chain, a, keep, gen)
         blank = task.encode(torch.zeros_like(a), model.unet)  # complete mask: E(X) = 0, z_T ~ N(0, (1 - abar_T) I)
-        rows = [a, a * keep, restored, to_pixels(mt_sample(model, chain, [blank], shape, gen)[0], task.vae)]
+        rows = [a, a * keep, restored, to_pixels(mt_sample(model, chain, [blank], shape, task.clip_denoised, gen)[0], task.vae)]
         psnr, ssim, unmasked = restoration_metrics(restored, a, keep)
         metrics = dict(psnr_masked=psnr.nanmean(), ssim_masked=ssim.nanmean(), unmasked_max_error=unmasked.max())
     elif args.setting == "translation":  # Algorithm 1 with the source known
-        generated = to_pixels(mt_sample(model, chain, [task.encode(a, model.unet)], shape, gen)[0], task.vae)
+        source = [task.encode(a, model.unet)]
+        generated = to_pixels(mt_sample(model, chain, source, shape, task.clip_denoised, gen)[0], task.vae)
         rows, metrics = [a, b, generated], dict(psnr_translation=psnr_db(generated, b).mean())
     else:  # joint generation: x_1 starts random and follows the head
         x = task.init_modality(a.shape[0], gen, device)
-        z0, x = mt_sample(model, chain, [task.encode(x, model.unet)], shape, gen, task=task, x=x)
+        z0, x = mt_sample(model, chain, [task.encode(x, model.unet)], shape, task.clip_denoised, gen, task=task, x=x)
         rows = [to_pixels(z0, task.vae)]
         if args.setting == "image-label":
             log(f"joint samples: generated labels {x.tolist()}")
@@ -769,12 +778,13 @@ def parse_args(argv=None):
     p.add_argument("--label-head", choices=["M", "E"], default="M", help="image-label: M = linear layer on the "
                    "middle block, E = classifier on the U-Net output")
     p.add_argument("--model", choices=["ADM", "ADM-S", "ADM-T"], default=None, help="default ADM-T on synthetic")
-    p.add_argument("--task-weight", choices=["paper", "constant", "zero"], default="paper", help="w_t of Eq. (3): "
-                   "paper t/(T-t) (App. E), constant, or zero (plain DDPM)")
+    p.add_argument("--task-weight", choices=["paper", "paper-rescaled", "constant", "zero"], default=None,
+                   help="w_t of Eq. (3): paper = App. E's t/(T-t) clamped at --weight-clamp (atilde up to ~150-270; "
+                   "default of the paper runs), paper-rescaled = the same shape scaled to max atilde = --atilde-max "
+                   "(default on synthetic), constant (--weight-value) or zero (plain DDPM)")
     p.add_argument("--weight-clamp", type=float, default=1.0, help="clamp of t/(T-t), which is infinite at t = T")
     p.add_argument("--weight-value", type=float, default=1.0, help="w_t of --task-weight constant")
-    p.add_argument("--atilde-max", type=float, default=1.0, help="rescale w so that max_t atilde_t is this; 0 keeps "
-                   "the raw weights (atilde ~150-270)")
+    p.add_argument("--atilde-max", type=float, default=1.0, help="--task-weight paper-rescaled: max_t atilde_t")
     p.add_argument("--decoder-weight", type=float, default=0.1, help="lambda of Eq. (6)")
     p.add_argument("--noise-schedule", choices=["linear", "cosine"], default=None, help="default cosine (App. "
                    "E.2/E.3), linear for translation (E.1)")
@@ -805,6 +815,7 @@ def parse_args(argv=None):
     synthetic = args.data == "synthetic"
     masked = args.setting in ("masked-image", "restoration")
     fill_defaults(args, DEMO if synthetic else {**PAPER, **PAPER_BY_SETTING.get(args.setting, {})})
+    args.task_weight = args.task_weight or ("paper-rescaled" if synthetic else "paper")
     args.variant = args.variant or ("X" if args.setting in IMAGE_SETTINGS else "U")
     args.model = args.model or ("ADM-T" if synthetic else "ADM")
     args.image_size = args.image_size or (32 if synthetic else 64)
@@ -825,10 +836,10 @@ def parse_args(argv=None):
         p.error("--embeddings is for --setting image-representation")
     if args.latent and args.image_size % 8:
         p.error(f"--latent needs --image-size divisible by 8 (the VAE downsamples 8x), got {args.image_size}")
-    if args.task_weight == "paper" and not 0 < args.weight_clamp < float("inf"):
+    if args.task_weight.startswith("paper") and not 0 < args.weight_clamp < float("inf"):
         p.error(f"--weight-clamp {args.weight_clamp}: t/(T-t) is infinite at t = T; pass a finite clamp > 0")
-    if args.atilde_max < 0 or args.max_patches < 0:
-        p.error("--atilde-max and --max-patches must be >= 0")
+    if args.atilde_max <= 0 or args.max_patches < 0:
+        p.error("--atilde-max must be > 0 and --max-patches >= 0")
     if not 2 <= args.num_sampling_steps <= 1000:
         p.error(f"--num-sampling-steps {args.num_sampling_steps}: pick 2..1000 (the respaced chain keeps t = T)")
     if args.eval_only and not args.ckpt:

@@ -8,7 +8,7 @@ import torch
 from common.diffusion import get_beta_schedule
 from mt_diffusion import (MTSchedule, aggregation_coefficients, forward_step, posterior_mean_variance,
                           predict_z0_from_eps, prior_sample, q_mean_variance, q_posterior, q_sample, reverse_step,
-                          sample_loop, task_weight_schedule)
+                          sample_loop, task_weight_schedule, task_weights)
 
 T = 50
 
@@ -59,6 +59,23 @@ def test_paper_task_weights_respect_clamp():
         task_weight_schedule("paper", 10, clamp=None)
     with pytest.raises(ValueError, match="paper"):
         task_weight_schedule("papr", 10)
+
+
+def test_task_weight_flags():
+    # --task-weight paper is App. E's t/(T-t) itself (clamped at 1), whose atilde reaches ~270 (cosine, T = 1000);
+    # paper-rescaled has the same shape with max atilde = atilde_max; constant is w_t = value unscaled
+    betas = get_beta_schedule("cosine", 1000)
+    t = np.arange(1, 1000, dtype=np.float64)
+    paper = task_weights("paper", betas).numpy()
+    np.testing.assert_allclose(paper[:-1], np.minimum(t / (1000 - t), 1.0), rtol=1e-15)
+    assert paper[-1] == 1.0
+    atilde = _atilde_double_loop(1 - betas, paper)
+    assert 200 < atilde.max() < 300
+    rescaled = task_weights("paper-rescaled", betas, atilde_max=0.5).numpy()
+    np.testing.assert_allclose(rescaled / paper, rescaled[0] / paper[0], rtol=1e-12)  # one factor throughout
+    np.testing.assert_allclose(_atilde_double_loop(1 - betas, rescaled).max(), 0.5, rtol=1e-12)
+    assert np.all(task_weights("constant", betas, value=0.3).numpy() == 0.3)
+    assert np.all(task_weights("zero", betas).numpy() == 0)
 
 
 @pytest.mark.parametrize("M", [None, 3])

@@ -172,6 +172,41 @@ class _PoolVAE:
         return torch.nn.functional.interpolate(z[:, :3], scale_factor=8).clamp(-1, 1)
 
 
+class _OracleModel(torch.nn.Module):
+    """A perfect eps_theta for one known z_0: the true noise in z_t under the full chain (Eq. 4 solved for eps)."""
+    unet = None
+
+    def __init__(self, sched, z0):
+        super().__init__()
+        self.sched, self.z0 = sched, z0
+
+    def forward(self, z, t, encodings):
+        mean, var = q_mean_variance(self.sched, self.z0, encodings, t)
+        return (z - mean) / var.sqrt(), None
+
+
+class _ScaledVAE:
+    """A stand-in 'VAE' whose latents span [-3, 3] like SD-VAE latents: z = 3 x, x = z / 3."""
+
+    def encode_to_latent(self, x):
+        return 3 * x
+
+    def decode_from_latent(self, z):
+        return z / 3
+
+
+def test_latent_restoration_does_not_clamp_latents():
+    # an oracle denoiser recovers latents outside [-1, 1] exactly; clamping the predicted z_0 (pixel mode's ADM
+    # clip) would cut them to [-1, 1] and return a third of the image in the masked region
+    args, _, _, task, _, sched = _tiny("restoration")
+    task.vae = _ScaledVAE()
+    images = torch.rand(3, 3, 16, 16, dtype=torch.float64) * 2 - 1
+    keep = random_patch_mask(3, 3, 16, 4, torch.Generator().manual_seed(1), counts=torch.tensor([1, 2, 3])).double()
+    model = _OracleModel(sched, task.vae.encode_to_latent(images))
+    out = restore(model, task, respace(sched, 5), images, keep, torch.Generator().manual_seed(2))
+    torch.testing.assert_close(out, images, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("latent", [False, True])
 def test_restoration_keeps_unmasked_pixels_exactly(latent):
     args, _, _, task, _, sched = _tiny("restoration")

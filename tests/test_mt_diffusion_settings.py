@@ -374,3 +374,19 @@ def test_image_representation_with_given_embeddings(tmp_path, capsys):
     with pytest.raises(SystemExit):
         _run(tmp_path / "run", "--setting", "image-representation", "--embeddings", str(tmp_path / "bad.npy"))
     assert "(10000, D)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_eval_only_writes_adm_npz_samples(tmp_path):
+    """--eval-only --num-fid-samples: translations of held-out sources as an ADM .npz, and the held-out targets
+    they translate (in the same order) as the reference batch."""
+    from common.adm_npz import to_uint8
+    run_dir, _ = _run(tmp_path, "--setting", "translation", "--steps", "1")
+    out = main(["--eval-only", "--ckpt", os.path.join(run_dir, "checkpoints", "0000001.pt"), *TINY,
+                "--num-fid-samples", "5", "--eval-batch-size", "2"])
+    samples = np.load(os.path.join(out, "fid-samples-2", "samples.npz"))["arr_0"]
+    targets = np.load(os.path.join(out, "fid-samples-2", "targets", "samples.npz"))["arr_0"]
+    assert samples.shape == targets.shape == (5, 16, 16, 3) and samples.dtype == np.uint8
+    eval_set = build(parse_args(["--setting", "translation", *TINY]), torch.device("cpu"))[1]
+    expected = to_uint8(torch.stack([eval_set[i][1] for i in range(5)])).numpy()
+    assert np.array_equal(targets, expected)

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from common.diffusion import get_beta_schedule, mean_flat, space_timesteps
 from common.named_models import ADM_CONFIGS, ADM_SMALL
+from common.sampling import clips_predicted_x0, write_samples_npz
 from common.training_run import (TrainingRun, add_run_args, all_reduce_mean, autocast, cleanup_distributed, end_of_step,
                                  fail, fill_defaults, finish_training, infinite_loader, init_distributed,
                                  load_checkpoint, load_model_state, make_ema, random_hflip, resume_training, run_dir_of,
@@ -27,9 +28,12 @@ from common.training_run import adamw, training_module  # the fast path
 from common.unet import EncoderUNetModel, UNetModel
 from common.vae import load_vae
 from data.image_folder import ImageFolder
+from data.masks import half_mask, patch_size, random_patch_mask
 from data.paired import DIRECTIONS, LAYOUTS, PairedImages, SyntheticPairs
 from data.synthetic import SyntheticShapes
+from eval.dense_metrics import SegMeter, labels_from_colours
 from eval.image_metrics import psnr_db, ssim_map
+from eval.shape_classifier import classifier_accuracy, judge_samples, load_or_train_classifier
 
 
 #################################################################################
@@ -43,7 +47,7 @@ def task_weight_schedule(kind, num_timesteps, clamp=1.0, value=1.0):
         # App. E: w_t = t / (T - t), small at small t so heterogeneous tasks stay out of the nearly clean steps. It
         # is 1 at t = T/2 and infinite at t = T, hence the clamp (default 1: the tail is then App. E's w_t = 1 case).
         # Even so atilde_t (Eq. 4) reaches ~150 (linear) / ~270 (cosine) at T = 1000: the injection accumulates
-        # over the ~2/beta_t steps the chain remembers. `task_weights` rescales it (--atilde-max).
+        # over the ~2/beta_t steps the chain remembers; `task_weights`' 'paper-rescaled' scales it to O(1).
         if clamp is None or not 0 < clamp < float("inf"):
             raise ValueError(f"clamp={clamp}: the 'paper' task weights t/(T-t) are infinite at t = T; pass a finite "
                              f"clamp > 0, e.g. clamp=1.0")
@@ -155,14 +159,16 @@ def respace(sched, num_steps):
 
 
 def task_weights(kind, betas, clamp=1.0, value=1.0, atilde_max=1.0):
-    """w_t of Eq. (3) for --task-weight, rescaled so that max_t atilde_t = atilde_max (atilde is linear in w)."""
+    """w_t of Eq. (3) for --task-weight: 'paper' is exactly App. E's clamped t/(T-t); 'paper-rescaled' is that shape
+    times the one factor that makes max_t atilde_t = atilde_max (atilde is linear in w); 'constant' / 'zero'."""
     # The raw paper weights make z_t ~99% injected signal mid-chain (atilde ~150-270 vs. noise std <= 1), so the eps
-    # target drowns (in bf16 the resolution of a value ~270 is ~1, the size of the noise). Rescaling keeps the
-    # shape t / (T - t) and puts atilde_t E in O(1). atilde_max = 0 keeps the raw weights.
-    w = task_weight_schedule(kind, len(betas), clamp=clamp, value=value)
-    if atilde_max and kind != "zero":
-        w = w * (atilde_max / aggregation_coefficients(1.0 - torch.as_tensor(betas), w).max())
-    return w
+    # target is a small part of the input (in bf16 the resolution of a value ~270 is ~1, the size of the noise).
+    # The rescaled schedule (factor 3.7e-3 for cosine, T = 1000, atilde_max = 1) keeps t / (T - t) and puts
+    # atilde_t E in O(1). README: what each does to training.
+    if kind == "paper-rescaled":
+        w = task_weight_schedule("paper", len(betas), clamp=clamp)
+        return w * (atilde_max / aggregation_coefficients(1.0 - torch.as_tensor(betas), w).max())
+    return task_weight_schedule(kind, len(betas), clamp=clamp, value=value)
 
 
 #################################################################################
@@ -233,15 +239,17 @@ def prior_sample(sched, encodings, shape, generator=None, device=None, dtype=Non
     return mean + variance.sqrt() * noise
 
 
-def sample_loop(sched, eps_fn, encodings, shape, generator=None, known=None, clip_denoised=False):
+def sample_loop(sched, eps_fn, encodings, shape, generator=None, known=None, clip_denoised=False, start=None):
     """Algorithm 1: ancestral sampling z_T -> z_0 with eps_fn(z_t, t_index) -> eps_hat; returns z_0.
 
     eps_fn may instead return (eps_hat, new_encodings) to re-estimate E(X) from the task heads (Algorithm 1 lines
     7-10); the step itself uses the encodings from before the update, the next step the new ones.
     known = (mask, z0_known), constrained restoration (Sec. 4.1, mask 1 where z0 is known): the paper gives no
     mechanism (App. E.2 only says the -X model learns to keep the unmasked region), so we replace the known region
-    of z_{t-1} after every step by a fresh sample of its forward marginal q(z_{t-1} | z0_known, X) (Eq. 4), as in
-    RePaint's replacement, and by z0_known itself after the last step: it is kept exactly.
+    of z_{t-1} after every step but the last by a fresh sample of its forward marginal q(z_{t-1} | z0_known, X)
+    (Eq. 4), as in RePaint's replacement. The returned z_0 is the model's own last step everywhere: how well it
+    matches z0_known is the model's consistency, and the caller pastes the known region back (restore).
+    start = (z, i): begin at chain index i from z instead of the prior (SDEdit).
     """
     encodings, (mask, z0_known) = list(encodings), known or (None, None)
     if known is not None and tuple(z0_known.shape) != tuple(shape):
@@ -250,17 +258,18 @@ def sample_loop(sched, eps_fn, encodings, shape, generator=None, known=None, cli
         raise ValueError("known mask must hold only 0 (generate) and 1 (keep); threshold it first")
     mask = mask.bool() if known is not None else None
     like = z0_known if known is not None else (encodings[0] if encodings else torch.empty(0))
-    z = prior_sample(sched, encodings, shape, generator, like.device, like.dtype)
+    z = prior_sample(sched, encodings, shape, generator, like.device, like.dtype) if start is None else start[0]
     randn = lambda: torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
 
-    def keep_known(z, index):  # the known region at 0-based `index`: its forward marginal, or z0 itself at -1
+    def keep_known(z, index):  # the known region at 0-based `index`: its forward marginal (none after the last step)
         if known is None or index < 0:
-            return z if known is None else torch.where(mask, z0_known, z)
+            return z
         level = torch.full((shape[0],), index, dtype=torch.long, device=z.device)
         return torch.where(mask, q_sample(sched, z0_known, encodings, level, randn()), z)
 
-    z = keep_known(z, sched.num_timesteps - 1)
-    for i in range(sched.num_timesteps - 1, -1, -1):
+    first = sched.num_timesteps - 1 if start is None else start[1]
+    z = keep_known(z, first)
+    for i in range(first, -1, -1):
         t = torch.full((shape[0],), i, dtype=torch.long, device=z.device)
         out = eps_fn(z, t)
         eps, new_encodings = out if isinstance(out, tuple) else (out, None)
@@ -380,19 +389,21 @@ def training_losses(model, sched, z0, encodings, target, t, decoder_loss, decode
 class Task:
     """One --setting: how a batch becomes z_0 and the modality x_1, its encoder E_1 and the decoder's target."""
 
-    def __init__(self, args, num_classes, z_shape, device, vae=None, embeddings=None):
+    def __init__(self, args, num_classes, z_shape, device, vae=None, embeddings=None, eval_embeddings=None):
         self.setting, self.num_classes, self.z_shape, self.vae = args.setting, num_classes, z_shape, vae
+        self.image_size = args.image_size
         self.decoder_loss = "ce" if args.setting == "image-label" else "mse"
         self.max_patches, self.patch_size = args.max_patches, patch_size(args.image_size, args.patch_size)
-        self.embeddings = embeddings  # (N, D) on device from --embeddings, or None
+        self.embeddings, self.eval_embeddings = embeddings, eval_embeddings  # (N, D) on device, or None
         if args.setting == "image-representation":  # fixed N(0, 1) projections, part of E (seed 0 in every run)
             self.embed_dim = embeddings.shape[1] if embeddings is not None else args.embed_dim
             gen = torch.Generator().manual_seed(0)
             self.projection = torch.randn(self.embed_dim, math.prod(z_shape), generator=gen).to(device)
             self.demo_projection = torch.randn(num_classes + 6, self.embed_dim, generator=gen).to(device)
 
-    def prepare(self, batch, device, flip=True):
-        """(z_0, x_1) of a loader batch: flips on-device (pairs flipped together), masks drawn from torch's RNG."""
+    def prepare(self, batch, device, flip=True, held_out=False):
+        """(z_0, x_1) of a loader batch: flips on-device (pairs flipped together), masks drawn from torch's RNG;
+        held_out: the batch is from the evaluation set (its --eval-embeddings rows)."""
         a, b, *index = (v.to(device, non_blocking=True) for v in batch)
         if flip and self.setting == "translation":
             a, b = random_hflip(torch.cat([a, b], dim=1)).split(a.shape[1], dim=1)  # one flip for both sides
@@ -406,7 +417,7 @@ class Task:
         if self.setting == "image-label":
             return z0, b
         if self.embeddings is not None:
-            return z0, self.embeddings[index[0]]
+            return z0, (self.eval_embeddings if held_out else self.embeddings)[index[0]]
         # synthetic stand-in for a CLIP embedding: a fixed projection of [one-hot label, channel means and stds]
         stats = torch.cat([F.one_hot(b, self.num_classes).float(), a.mean((2, 3)), a.std((2, 3))], dim=1)
         return z0, stats @ self.demo_projection
@@ -421,6 +432,11 @@ class Task:
             # E(e) = P^T (e / |e|), entries ~N(0, 1): a parameter-free stand-in for App. E.4's cross-attention route
             return (F.normalize(x.float(), dim=1) @ self.projection).reshape(shape)
         return to_diffusion_space(x, self.vae)
+
+    @property
+    def clip_denoised(self):
+        """Whether samplers clamp the predicted z_0 to [-1, 1]: for pixels, never for SD-VAE latents (~[-4, 4])."""
+        return clips_predicted_x0(latent=self.vae is not None)
 
     def init_modality(self, n, generator, device):
         """Algorithm 1 line 3: a random label or embedding when x_1 is not given."""
@@ -500,27 +516,6 @@ SETTINGS = ("masked-image", "restoration", "image-label", "translation", "image-
 IMAGE_SETTINGS = ("masked-image", "restoration", "translation")  # x_1 is an image: identity / VAE encoder
 
 
-def patch_size(image_size, override=None):
-    """App. E.2's 16 px patches at 64 px, scaled with the resolution (side S / 4): m patches then cover the same
-    fraction of the image at every size, and m keeps its range U{0..10} (and 5..20 for Table 1)."""
-    return override or max(1, round(16 * image_size / 64))
-
-
-def random_patch_mask(n, max_patches, image_size, patch, generator=None, counts=None, device=None):
-    """(n, 1, S, S) float keep-mask, App. E.2: m ~ U{0..max_patches} patches per image (or m = counts[b]), each
-    zeroing x:min(x + p, S), y:min(y + p, S) at a corner (x, y) uniform over the image (overlaps allowed)."""
-    if counts is None:
-        counts = torch.randint(0, max_patches + 1, (n,), generator=generator, device=device)
-    device = counts.device
-    corners = torch.randint(0, image_size, (n, max_patches, 2), generator=generator, device=device)
-    active = torch.arange(max_patches, device=device) < counts[:, None]  # (n, K): the first counts[b] patches
-    pixels = torch.arange(image_size, device=device)
-    inside = lambda start: (pixels >= start[..., None]) & (pixels < start[..., None] + patch)  # (n, K, S)
-    rows, cols = inside(corners[..., 1]), inside(corners[..., 0])
-    hole = (rows[..., :, None] & cols[..., None, :] & active[..., None, None]).any(dim=1)
-    return (~hole).float()[:, None]
-
-
 class IndexedDataset(torch.utils.data.Dataset):
     """A dataset's items with their index appended, to look up each image's --embeddings row."""
 
@@ -539,7 +534,7 @@ def task_dataset(args, data, seed=0):
     synthetic items: seed 1 is the held-out set of a run trained on seed 0."""
     if args.setting == "translation":
         if data == "synthetic":  # semantic colour map -> image
-            return SyntheticPairs(10_000, args.image_size, seed, args.num_classes or 4), 0
+            return SyntheticPairs(10_000, args.image_size, seed, args.num_classes or 4, args.direction), 0
         return PairedImages(data, args.image_size, args.paired_layout, args.direction), 0
     if data == "synthetic":
         dataset = SyntheticShapes(10_000, args.image_size, seed, args.num_classes or 4)
@@ -565,24 +560,31 @@ def build(args, device):
     """Data, task, reverse model and forward schedule of a run (shared by training and --eval-only)."""
     dataset, num_classes = task_dataset(args, args.data)
     vae = load_vae(args.vae, device) if args.latent else None  # frozen; one-line error without --vae
-    embeddings = load_embeddings(args.embeddings, len(dataset), device) if args.embeddings else None
+    # held out: synthetic items of another seed or --eval-data; with --embeddings only if --eval-embeddings gives
+    # their rows, else the evaluation reads training items (and says so in the metric names)
+    eval_set, embeddings, eval_embeddings = task_dataset(args, args.eval_data or args.data, seed=1)[0], None, None
+    if args.embeddings:
+        embeddings = load_embeddings(args.embeddings, len(dataset), device)
+        eval_embeddings = load_embeddings(args.eval_embeddings, len(eval_set), device) if args.eval_embeddings \
+            else embeddings
+        eval_set = eval_set if args.eval_embeddings else dataset
     s = args.image_size
     z_shape = (4, s // 8, s // 8) if args.latent else (3, s, s)  # the image, or the SD-VAE latent
-    task = Task(args, num_classes, z_shape, device, vae, embeddings)
+    task = Task(args, num_classes, z_shape, device, vae, embeddings, eval_embeddings)
     torch.manual_seed(args.seed)  # same initial weights on every rank and in every (re)run
     model = create_mt_model(args, z_shape[0], z_shape[1], num_classes, getattr(task, "embed_dim", 0)).to(device)
     betas = get_beta_schedule(args.noise_schedule)
     weights = task_weights(args.task_weight, betas, args.weight_clamp, args.weight_value, args.atilde_max)
     sched = MTSchedule(betas, weights).to(device)
-    # held out: synthetic items of another seed or --eval-data; embeddings exist for the training items only
-    eval_set = dataset if args.embeddings else task_dataset(args, args.eval_data or args.data, seed=1)[0]
     return dataset, eval_set, task, model, sched
 
 
 @torch.no_grad()
-def mt_sample(model, chain, encodings, shape, generator=None, known=None, task=None, x=None):
-    """Algorithm 1 on chain = respace(...); returns (z_0, x_1). With task given, x_1 is not initially available: it
-    starts at x (line 3) and is re-estimated from the head at every step (lines 7-10)."""
+def mt_sample(model, chain, encodings, shape, clip_denoised, generator=None, known=None, task=None, x=None,
+              start=None):
+    """Algorithm 1 on chain = respace(...); returns (z_0, x_1). clip_denoised: Task.clip_denoised (pixels yes,
+    latents no). With task given, x_1 is not initially available: it starts at x (line 3) and is re-estimated from
+    the head at every step (lines 7-10). known, start: as sample_loop."""
     sched, timestep_map = chain
     state = {"x": x, "encodings": list(encodings)}
 
@@ -594,29 +596,62 @@ def mt_sample(model, chain, encodings, shape, generator=None, known=None, task=N
         state["encodings"] = [task.encode(state["x"], model.unet)]
         return eps.float(), state["encodings"]
 
-    pixels = task is None or task.vae is None  # ADM clips the denoised z_0 to the data range [-1, 1]
-    z0 = sample_loop(sched, eps_fn, encodings, shape, generator, known=known, clip_denoised=pixels)
+    z0 = sample_loop(sched, eps_fn, encodings, shape, generator, known, clip_denoised, start)
     return z0, state["x"]
+
+
+@torch.no_grad()
+def generate(model, task, chain, n, generator, sources=None):
+    """(images in pixels, x_1) of Algorithm 1 for the setting: from a complete mask (masked settings, E(X) = 0,
+    as Table 2's -X), translations of `sources`, or joint samples with x_1 from the head (x_1 None otherwise)."""
+    device, shape = chain[0].betas.device, (n, *task.z_shape)
+    if task.setting == "translation":
+        encodings, joint = [task.encode(sources, model.unet)], None
+    elif task.setting in ("masked-image", "restoration"):
+        encodings, joint = [task.encode(torch.zeros(n, 3, task.image_size, task.image_size, device=device),
+                                        model.unet)], None
+    else:
+        joint = task.init_modality(n, generator, device)
+        encodings = [task.encode(joint, model.unet)]
+    z0, x = mt_sample(model, chain, encodings, shape, task.clip_denoised, generator, task=task if joint is not None
+                      else None, x=joint)
+    return to_pixels(z0, task.vae), x
 
 
 def restore(model, task, chain, images, keep, generator=None):
     """Constrained restoration (Sec. 4.1): z_0 given x_1 = images * keep, keeping the known region (sample_loop).
-    With --latent a latent cell is known only when all its pixels are; the decoded output then gets the known
-    pixels pasted back, so unmasked pixels are kept exactly in both modes."""
+    Returns (restored, raw): raw is the model's decoded z_0, restored the same with the known pixels pasted back
+    (with --latent a latent cell is known only when all its pixels are), so unmasked pixels are kept exactly."""
     encoding = task.encode(images * keep, model.unet)
     factor = images.shape[-1] // encoding.shape[-1]
     known = keep if factor == 1 else 1 - F.max_pool2d(1 - keep, factor)
-    z0, _ = mt_sample(model, chain, [encoding], encoding.shape, generator, known=(known, encoding))
-    return torch.where(keep.bool(), images, to_pixels(z0, task.vae))
+    z0, _ = mt_sample(model, chain, [encoding], encoding.shape, task.clip_denoised, generator, known=(known, encoding))
+    raw = to_pixels(z0, task.vae)
+    return torch.where(keep.bool(), images, raw), raw
 
 
-def restoration_metrics(restored, original, keep):
-    """Per image: PSNR and mean SSIM over the masked pixels (NaN without any) and the largest change of an unmasked
-    pixel, which constrained restoration keeps at exactly 0."""
+def sdedit_minus(model, task, chain, images, keep, generator=None, strength=0.5):
+    """Table 1's SDEdit- baseline (Meng et al.; the paper gives no details, this is our reading): the masked image
+    noised by the forward marginal to t0 = strength * T and denoised from there by the same model given a
+    complete mask (E = 0, Table 2's unconditional use), with no known region and no paste-back."""
+    sched, timestep_map = chain
+    z0 = to_diffusion_space(images * keep, task.vae)
+    blank = [torch.zeros_like(z0)]
+    first = max(int((timestep_map <= strength * timestep_map[-1]).sum()) - 1, 0)  # chain index of t0
+    level = torch.full((len(z0),), first, dtype=torch.long, device=z0.device)
+    noise = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
+    start = (q_sample(sched, z0, blank, level, noise), first)
+    z, _ = mt_sample(model, chain, blank, z0.shape, task.clip_denoised, generator, start=start)
+    return to_pixels(z, task.vae)
+
+
+def restoration_metrics(restored, raw, original, keep):
+    """Per image: PSNR and mean SSIM over the masked pixels (NaN without any), and the model's own consistency:
+    the mean absolute error of raw (before paste-back) on the unmasked pixels (NaN without any)."""
     hole = (1 - keep).expand_as(original)
     ssim = (ssim_map(restored, original) * hole).sum(dim=(1, 2, 3)) / hole.sum(dim=(1, 2, 3))
-    unmasked = ((restored - original).abs() * (1 - hole)).amax(dim=(1, 2, 3))
-    return psnr_db(restored, original, hole), ssim, unmasked
+    known_error = ((raw - original).abs() * (1 - hole)).sum(dim=(1, 2, 3)) / (1 - hole).sum(dim=(1, 2, 3))
+    return psnr_db(restored, original, hole), ssim, known_error
 
 
 @torch.no_grad()
@@ -627,30 +662,21 @@ def sample_grid(args, model, task, sched, show, path, log):
     gen = torch.Generator(device=device).manual_seed(args.seed)
     chain = respace(sched, args.num_sampling_steps)
     a, b = show[0].to(device), show[1].to(device)
-    shape, metrics = (a.shape[0], *task.z_shape), {}
     was_training = model.training
     model.eval()
-    if args.setting in ("masked-image", "restoration"):
+    if task.setting in ("masked-image", "restoration"):
         keep = random_patch_mask(a.shape[0], args.max_patches, a.shape[-1], task.patch_size, gen, device=device)
-        restored = restore(model, task, chain, a, keep, gen)
-        blank = task.encode(torch.zeros_like(a), model.unet)  # complete mask: E(X) = 0, z_T ~ N(0, (1 - abar_T) I)
-        rows = [a, a * keep, restored, to_pixels(mt_sample(model, chain, [blank], shape, gen)[0], task.vae)]
-        psnr, ssim, unmasked = restoration_metrics(restored, a, keep)
-        metrics = dict(psnr_masked=psnr.nanmean(), ssim_masked=ssim.nanmean(), unmasked_max_error=unmasked.max())
-    elif args.setting == "translation":  # Algorithm 1 with the source known
-        generated = to_pixels(mt_sample(model, chain, [task.encode(a, model.unet)], shape, gen)[0], task.vae)
-        rows, metrics = [a, b, generated], dict(psnr_translation=psnr_db(generated, b).mean())
+        rows = [a, a * keep, restore(model, task, chain, a, keep, gen)[0], generate(model, task, chain, len(a), gen)[0]]
+    elif task.setting == "translation":  # Algorithm 1 with the source known
+        rows = [a, b, generate(model, task, chain, len(a), gen, sources=a)[0]]
     else:  # joint generation: x_1 starts random and follows the head
-        x = task.init_modality(a.shape[0], gen, device)
-        z0, x = mt_sample(model, chain, [task.encode(x, model.unet)], shape, gen, task=task, x=x)
-        rows = [to_pixels(z0, task.vae)]
-        if args.setting == "image-label":
+        images, x = generate(model, task, chain, len(a), gen)
+        rows = [images]
+        if task.setting == "image-label":
             log(f"joint samples: generated labels {x.tolist()}")
     save_image_grid(torch.cat(rows), path, nrow=a.shape[0])
     model.train(was_training)
-    metrics = {k: float(v) for k, v in metrics.items()}
-    log(f"sample grid {path}" + "".join(f" {k}={v:.4g}" for k, v in metrics.items()))
-    return metrics
+    log(f"sample grid {path}")
 
 
 def eval_batches(args, eval_set):
@@ -660,88 +686,189 @@ def eval_batches(args, eval_set):
 
 @torch.no_grad()
 def head_metrics(args, model, task, sched, eval_set):
-    """D_1 on held-out images at the paper's t = 1 with x_1 unknown (E = 0; w_1 ~ 0, so z_1 barely depends on it):
-    label accuracy, or embedding MSE and cosine similarity."""
-    device = sched.betas.device
+    """D_1 on held-out items at the paper's t = 1 with x_1 unknown (E = 0; w_1 ~ 0, so z_1 barely depends on it):
+    top-1 / top-5 label accuracy (Fig. 6; top-5 with more than 5 classes), or embedding MSE and cosine similarity."""
+    device, C = sched.betas.device, task.num_classes
     totals = torch.zeros(3, device=device)
     for batch in eval_batches(args, eval_set):
-        z0, x = task.prepare(batch, device, flip=False)
+        z0, x = task.prepare(batch, device, flip=False, held_out=True)
         t, zeros = torch.zeros(z0.shape[0], dtype=torch.long, device=device), torch.zeros_like(z0)
         _, pred = model(q_sample(sched, z0, [zeros], t), t, [zeros])
         if task.decoder_loss == "ce":
-            totals[0] += (pred.argmax(dim=1) == x).sum()
+            top = pred.topk(min(5, C), dim=1).indices == x[:, None]
+            totals[0], totals[1] = totals[0] + top[:, 0].sum(), totals[1] + top.any(dim=1).sum()
         else:
             totals[0] += mean_flat((pred - x) ** 2).sum()
             totals[1] += F.cosine_similarity(pred, x).sum()
         totals[2] += len(x)
+    v = (totals[:2] / totals[2]).tolist()
     if task.decoder_loss == "ce":
-        return {"label_accuracy": float(totals[0] / totals[2])}
-    return {"embedding_mse": float(totals[0] / totals[2]), "embedding_cosine": float(totals[1] / totals[2])}
+        return {"label_top1": v[0], **({"label_top5": v[1]} if C > 5 else {})}
+    suffix = "" if task.eval_embeddings is not task.embeddings or task.embeddings is None else "_train"
+    return {f"embedding_mse{suffix}": v[0], f"embedding_cosine{suffix}": v[1]}
 
 
 @torch.no_grad()
-def restoration_table(args, model, task, sched, eval_set, lpips=None):
-    """Table 1 protocol: held-out images with exactly m patches for each m of --eval-restoration, restored; mean
-    PSNR / SSIM over the masked pixels, the largest unmasked change, LPIPS(restored) and LPIPS(masked) to the
-    original."""
+def restoration_table(args, model, task, sched, eval_set, lpips=None, judge=None):
+    """Table 1 protocol on held-out images, per mask of --eval-restoration (exactly m patches, or "half", Fig. 10):
+    PSNR / SSIM over the masked pixels and the model's consistency on the known ones before paste-back, for
+    MT-Diffusion and the SDEdit- baseline; LPIPS of both and of the masked image to the original; with a judge
+    (synthetic data) the class accuracy of the restored images."""
     device = sched.betas.device
     gen = torch.Generator(device=device).manual_seed(args.seed)
     chain, rows = respace(sched, args.num_sampling_steps), []
     for m in args.eval_restoration:
-        values = []
-        for batch in eval_batches(args, eval_set):
-            images = batch[0].to(device)
-            counts = torch.full((len(images),), m, device=device)
-            keep = random_patch_mask(len(images), m, images.shape[-1], task.patch_size, gen, counts)
-            restored = restore(model, task, chain, images, keep, gen)
-            per_image = list(restoration_metrics(restored, images, keep))
+        values, restored_all, labels = [], [], []
+        for images, y, *_ in eval_batches(args, eval_set):
+            images, n = images.to(device), len(images)
+            keep = half_mask(n, images.shape[-1], gen, device) if m == "half" else random_patch_mask(
+                n, m, images.shape[-1], task.patch_size, gen, torch.full((n,), m, device=device))
+            restored, raw = restore(model, task, chain, images, keep, gen)
+            edited = sdedit_minus(model, task, chain, images, keep, gen, args.sdedit_strength)
+            per_image = [*restoration_metrics(restored, raw, images, keep), *restoration_metrics(edited, edited,
+                                                                                                  images, keep)]
             if lpips is not None:
-                per_image += [lpips(restored, images), lpips(images * keep, images)]
+                per_image += [lpips(restored, images), lpips(images * keep, images), lpips(edited, images)]
             values.append(torch.stack(per_image, dim=1))
-        v = torch.cat(values)
-        row = dict(patches=m, psnr_masked=v[:, 0].nanmean(), ssim_masked=v[:, 1].nanmean(),
-                   unmasked_max_error=v[:, 2].max())
+            restored_all.append(restored.cpu()), labels.append(y)
+        v = torch.cat(values).nanmean(dim=0).tolist()
+        row = dict(mask=f"m{m}" if m != "half" else m, psnr_masked=v[0], ssim_masked=v[1], known_error=v[2],
+                   sdedit_psnr_masked=v[3], sdedit_ssim_masked=v[4], sdedit_known_error=v[5])
         if lpips is not None:
-            row.update(lpips=v[:, 3].mean(), lpips_clean_masked=v[:, 4].mean())
-        rows.append({k: float(x) for k, x in row.items()})
+            row.update(lpips=v[6], lpips_clean_masked=v[7], lpips_sdedit=v[8])
+        if judge is not None:
+            row["judge_accuracy"] = classifier_accuracy(judge, torch.cat(restored_all), torch.cat(labels))
+        rows.append(row)
     return rows
 
 
+@torch.no_grad()
+def translation_metrics(args, model, task, sched, eval_set, palette=None):
+    """Held-out translations: PSNR to the target, and with a label palette (targets are colour-coded label maps,
+    Table 4 after Zhu et al. 2017) per-pixel accuracy, per-class accuracy and class IoU of the translated maps,
+    each pixel read as its nearest palette colour, pooled over the set."""
+    device = sched.betas.device
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    chain, psnr, meter = respace(sched, args.num_sampling_steps), [], None if palette is None else SegMeter(len(palette))
+    for source, target, *_ in eval_batches(args, eval_set):
+        source, target = source.to(device), target.to(device)
+        out = generate(model, task, chain, len(source), gen, sources=source)[0]
+        psnr.append(psnr_db(out, target))
+        if meter is not None:
+            meter.update(labels_from_colours(out, palette), labels_from_colours(target, palette))
+    metrics = dict(psnr_translation=float(torch.cat(psnr).mean()))
+    if meter is not None:
+        metrics.update(pixel_accuracy=meter.pixel_accuracy(), class_accuracy=meter.class_accuracy(),
+                       class_iou=meter.result() / 100)
+    return metrics
+
+
+@torch.no_grad()
+def judge_metrics(args, model, task, sched, judge):
+    """The shared judge (eval/shape_classifier.py) on --eval-samples generated images: FD-synthetic to held-out
+    synthetic images, and for image-label the accuracy of the generated labels (the judge is independent)."""
+    gen = torch.Generator(device=sched.betas.device).manual_seed(args.seed + 1)
+    chain, images, labels = respace(sched, args.num_sampling_steps), [], []
+    for start in range(0, args.eval_samples, args.eval_batch_size):
+        x, y = generate(model, task, chain, min(args.eval_batch_size, args.eval_samples - start), gen)
+        images.append(x.cpu()), labels.append(y.cpu() if task.setting == "image-label" else torch.zeros(len(x)))
+    scores = judge_samples(judge, torch.cat(images), torch.cat(labels))
+    return {"fd_synthetic": scores["fd_synthetic"],
+            **({"generated_label_accuracy": scores["accuracy"]} if task.setting == "image-label" else {})}
+
+
+def label_palette(args, eval_set):
+    """Colours of the label classes when translation targets are label maps: synthetic --direction BtoA, or
+    --label-palette (a (K, 3) uint8 .npy)."""
+    if args.label_palette:
+        return torch.from_numpy(np.load(args.label_palette)).float() / 127.5 - 1
+    return getattr(eval_set, "palette", None) if args.direction == "BtoA" else None
+
+
 def final_evaluation(args, model, task, sched, eval_set, show, out_dir, step, log):
-    """After training (or --eval-only): the sample grid, head metrics, and the Table 1 protocol when requested."""
+    """After training (or --eval-only): the sample grid, then held-out metrics of the setting, the Table 1 protocol
+    for the masked settings, and the shared judge's scores on synthetic data."""
     model.eval()
-    metrics = sample_grid(args, model, task, sched, show, os.path.join(out_dir, "samples", f"{step:07d}.png"), log)
-    if args.setting in ("image-label", "image-representation"):
+    device, metrics = sched.betas.device, {}
+    path = os.path.join(out_dir, "samples", f"{step:07d}.png")
+    sample_grid(args, model, task, sched, show, path, log)
+    judge = None
+    if args.data == "synthetic" and task.setting != "translation":  # the judge knows single-shape images only
+        judge = load_or_train_classifier(task.num_classes, args.image_size, args.results_dir, device)
+        metrics.update(judge_metrics(args, model, task, sched, judge))
+    if task.setting in ("image-label", "image-representation"):
         metrics.update(head_metrics(args, model, task, sched, eval_set))
+    if task.setting == "translation":
+        metrics.update(translation_metrics(args, model, task, sched, eval_set, label_palette(args, eval_set)))
     if args.eval_restoration:
         lpips = None
         if args.lpips_weights:
             from eval.lpips import LPIPS
-            lpips = LPIPS(args.lpips_net, args.lpips_backbone, args.lpips_weights).to(sched.betas.device)
-        rows = restoration_table(args, model, task, sched, eval_set, lpips)
+            lpips = LPIPS(args.lpips_net, args.lpips_backbone, args.lpips_weights).to(device)
+        rows = restoration_table(args, model, task, sched, eval_set, lpips, judge)
         with open(os.path.join(out_dir, "restoration.csv"), "w") as f:
-            f.write(",".join(rows[0]) + "\n" + "".join(",".join(f"{v:.6g}" for v in r.values()) + "\n" for r in rows))
+            f.write(",".join(rows[0]) + "\n" + "".join(",".join(v if isinstance(v, str) else f"{v:.6g}"
+                                                                for v in r.values()) + "\n" for r in rows))
         for r in rows:
-            log("restoration " + " ".join(f"{k}={v:.4g}" for k, v in r.items()))
+            log("restoration " + " ".join(f"{k}={v}" if isinstance(v, str) else f"{k}={v:.4g}" for k, v in r.items()))
+            metrics.update({f"{k}_{r['mask']}": v for k, v in r.items() if k != "mask"})
     with open(os.path.join(out_dir, "eval.csv"), "w") as f:
         f.write("step,metric,value\n" + "".join(f"{step},{k},{v:.6g}\n" for k, v in metrics.items()))
-    log(f"evaluation at step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    log(f"evaluation at step {step} on {min(args.eval_samples, len(eval_set))} held-out items, picture {path}: "
+        + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     return metrics
 
 
+def write_fid_samples(args, model, task, sched, eval_set, out_dir, rank, world_size):
+    """Tables 2/3 and Table 4's FID/IS: --num-fid-samples generated images (translations of held-out sources) as
+    an ADM .npz through common.sampling.write_samples_npz (sharded over ranks), for eval/fid.py; translation also
+    writes the held-out targets it translated, as the reference batch."""
+    device = sched.betas.device
+    chain, position = respace(sched, args.num_sampling_steps), [rank]  # ranks take interleaved held-out items
+
+    def items(n, column):
+        idx = [(position[0] + world_size * k) % len(eval_set) for k in range(n)]
+        return torch.stack([eval_set[i][column] for i in idx]).to(device)
+
+    def draw(n, gen):
+        sources = items(n, 0) if task.setting == "translation" else None
+        position[0] += world_size * n
+        return generate(model, task, chain, n, gen, sources=sources)[0]
+    folder = os.path.join(out_dir, f"fid-samples-{args.num_sampling_steps}")
+    paths = [write_samples_npz(draw, folder, args.num_fid_samples, args.eval_batch_size, device, rank, world_size,
+                               args.seed, desc="fid samples")]
+    if task.setting == "translation":
+        position[0] = rank
+
+        def targets(n, gen):
+            out = items(n, 1)
+            position[0] += world_size * n
+            return out
+        paths.append(write_samples_npz(targets, os.path.join(folder, "targets"), args.num_fid_samples,
+                                       args.eval_batch_size, device, rank, world_size, args.seed, desc="targets"))
+    return paths
+
+
 def evaluate_checkpoint(args):
-    """--eval-only: final_evaluation of --ckpt's EMA weights, into <run>/eval-<step>/ (model flags from the ckpt)."""
-    device = init_distributed()[2]
+    """--eval-only: final_evaluation of --ckpt's EMA weights, into <run>/eval-<step>/ (model flags from the ckpt);
+    with --num-fid-samples every rank also draws its share of the .npz first."""
+    rank, world_size, device = init_distributed()
     ckpt = load_checkpoint(args.ckpt)
     run_args = argparse.Namespace(**ckpt["args"])
     for key in EVAL_FLAGS:  # how to evaluate comes from this command line, what was trained from the checkpoint
         setattr(run_args, key, getattr(args, key))
     _, eval_set, task, model, sched = build(run_args, device)
     load_model_state(model, ckpt["ema"], args.ckpt)
+    model.eval()
     out_dir = os.path.join(run_dir_of(args.ckpt), f"eval-{ckpt['step']:07d}")
     os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
-    show = next(iter(torch.utils.data.DataLoader(eval_set, batch_size=8)))
-    final_evaluation(run_args, model, task, sched, eval_set, show, out_dir, ckpt["step"], print)
+    if args.num_fid_samples:
+        paths = write_fid_samples(run_args, model, task, sched, eval_set, out_dir, rank, world_size)
+        if rank == 0:
+            print("wrote " + " ".join(paths))
+    if rank == 0:
+        show = next(iter(torch.utils.data.DataLoader(eval_set, batch_size=8)))
+        final_evaluation(run_args, model, task, sched, eval_set, show, out_dir, ckpt["step"], print)
     cleanup_distributed()
     return out_dir
 
@@ -759,7 +886,8 @@ PAPER_BY_SETTING = {"image-label": dict(global_batch_size=75), "translation": di
 DEMO = dict(steps=1000, global_batch_size=16, lr=1e-3, ema_decay=0.995, num_workers=0, log_every=50,
             ckpt_every=500, sample_every=500)
 EVAL_FLAGS = ("num_sampling_steps", "eval_restoration", "eval_samples", "eval_batch_size", "lpips_net",
-              "lpips_backbone", "lpips_weights", "vae", "eval_data", "seed")
+              "lpips_backbone", "lpips_weights", "vae", "eval_data", "seed", "sdedit_strength", "label_palette",
+              "eval_embeddings", "num_fid_samples")
 
 
 def parse_args(argv=None):
@@ -770,12 +898,13 @@ def parse_args(argv=None):
     p.add_argument("--label-head", choices=["M", "E"], default="M", help="image-label: M = linear layer on the "
                    "middle block, E = classifier on the U-Net output")
     p.add_argument("--model", choices=["ADM", "ADM-S", "ADM-T"], default=None, help="default ADM-T on synthetic")
-    p.add_argument("--task-weight", choices=["paper", "constant", "zero"], default="paper", help="w_t of Eq. (3): "
-                   "paper t/(T-t) (App. E), constant, or zero (plain DDPM)")
+    p.add_argument("--task-weight", choices=["paper", "paper-rescaled", "constant", "zero"], default=None,
+                   help="w_t of Eq. (3): paper = App. E's t/(T-t) clamped at --weight-clamp (atilde up to ~150-270; "
+                   "default of the paper runs), paper-rescaled = the same shape scaled to max atilde = --atilde-max "
+                   "(default on synthetic), constant (--weight-value) or zero (plain DDPM)")
     p.add_argument("--weight-clamp", type=float, default=1.0, help="clamp of t/(T-t), which is infinite at t = T")
     p.add_argument("--weight-value", type=float, default=1.0, help="w_t of --task-weight constant")
-    p.add_argument("--atilde-max", type=float, default=1.0, help="rescale w so that max_t atilde_t is this; 0 keeps "
-                   "the raw weights (atilde ~150-270)")
+    p.add_argument("--atilde-max", type=float, default=1.0, help="--task-weight paper-rescaled: max_t atilde_t")
     p.add_argument("--decoder-weight", type=float, default=0.1, help="lambda of Eq. (6)")
     p.add_argument("--noise-schedule", choices=["linear", "cosine"], default=None, help="default cosine (App. "
                    "E.2/E.3), linear for translation (E.1)")
@@ -792,9 +921,15 @@ def parse_args(argv=None):
     p.add_argument("--max-patches", type=int, default=10, help="training masks: m ~ U{0..max} patches (App. E.2)")
     p.add_argument("--patch-size", type=int, default=None, help="default image size / 4 (16 px at 64 px)")
     p.add_argument("--num-sampling-steps", type=int, default=None, help="default 1000 (App. C); 100 on synthetic")
-    p.add_argument("--eval-restoration", default=None, help="Table 1: comma-separated patch counts (default "
-                   "5,10,15,20 for --setting restoration)")
-    p.add_argument("--eval-samples", type=int, default=None, help="held-out items evaluated (1000; 32 synthetic)")
+    p.add_argument("--eval-restoration", default=None, help="Table 1: comma-separated patch counts and/or 'half' "
+                   "(Fig. 10); default 5,10,15,20,half for restoration, 10,half for masked-image")
+    p.add_argument("--sdedit-strength", type=float, default=0.5, help="SDEdit- baseline: noise level t0 / T")
+    p.add_argument("--label-palette", default=None, help="translation: (K, 3) uint8 .npy of the target label "
+                   "colours, for Table 4's label metrics (synthetic --direction BtoA has its own)")
+    p.add_argument("--eval-embeddings", default=None, help="image-representation: (N, D) .npy rows of --eval-data")
+    p.add_argument("--num-fid-samples", type=int, default=0, help="--eval-only: also write this many samples as an "
+                   "ADM .npz for eval/fid.py (Tables 2/3: 5K/50K; torchrun shards them)")
+    p.add_argument("--eval-samples", type=int, default=None, help="held-out items evaluated (1000; 64 synthetic)")
     p.add_argument("--eval-batch-size", type=int, default=32)
     p.add_argument("--lpips-net", choices=["alex", "vgg"], default="alex")
     p.add_argument("--lpips-backbone", default=None, help="torchvision alexnet / vgg16 .pth (LPIPS)")
@@ -806,30 +941,36 @@ def parse_args(argv=None):
     synthetic = args.data == "synthetic"
     masked = args.setting in ("masked-image", "restoration")
     fill_defaults(args, DEMO if synthetic else {**PAPER, **PAPER_BY_SETTING.get(args.setting, {})})
+    args.task_weight = args.task_weight or ("paper-rescaled" if synthetic else "paper")
     args.variant = args.variant or ("X" if args.setting in IMAGE_SETTINGS else "U")
     args.model = args.model or ("ADM-T" if synthetic else "ADM")
     args.image_size = args.image_size or (32 if synthetic else 64)
     args.noise_schedule = args.noise_schedule or ("linear" if args.setting == "translation" else "cosine")
     args.num_sampling_steps = args.num_sampling_steps or (100 if synthetic else 1000)
-    args.eval_samples = args.eval_samples or (32 if synthetic else 1000)
-    if args.eval_restoration is None and args.setting == "restoration":
-        args.eval_restoration = "5,10,15,20"
+    args.eval_samples = args.eval_samples or (64 if synthetic else 1000)
+    if args.eval_restoration is None and masked:
+        args.eval_restoration = "5,10,15,20,half" if args.setting == "restoration" else "10,half"
     if args.eval_restoration and not masked:
         p.error("--eval-restoration needs --setting masked-image or restoration")
     try:
-        args.eval_restoration = [int(m) for m in args.eval_restoration.split(",")] if args.eval_restoration else []
+        args.eval_restoration = [m if m == "half" else int(m) for m in (args.eval_restoration or "").split(",") if m]
     except ValueError:
-        p.error(f"--eval-restoration '{args.eval_restoration}' must be comma-separated patch counts, e.g. 5,10,15,20")
+        p.error(f"--eval-restoration '{args.eval_restoration}' must be comma-separated patch counts or 'half', e.g. "
+                f"5,10,15,20,half")
     if bool(args.lpips_weights) != bool(args.lpips_backbone):
         p.error("LPIPS needs both --lpips-backbone (torchvision .pth) and --lpips-weights (lpips v0.1 .pth)")
-    if args.embeddings and args.setting != "image-representation":
-        p.error("--embeddings is for --setting image-representation")
+    if (args.embeddings or args.eval_embeddings) and args.setting != "image-representation":
+        p.error("--embeddings and --eval-embeddings are for --setting image-representation")
+    if args.eval_embeddings and not (args.embeddings and args.eval_data):
+        p.error("--eval-embeddings needs --embeddings and --eval-data (its rows embed the --eval-data items)")
+    if not 0 < args.sdedit_strength <= 1 or args.num_fid_samples < 0:
+        p.error("--sdedit-strength must be in (0, 1] and --num-fid-samples >= 0")
     if args.latent and args.image_size % 8:
         p.error(f"--latent needs --image-size divisible by 8 (the VAE downsamples 8x), got {args.image_size}")
-    if args.task_weight == "paper" and not 0 < args.weight_clamp < float("inf"):
+    if args.task_weight.startswith("paper") and not 0 < args.weight_clamp < float("inf"):
         p.error(f"--weight-clamp {args.weight_clamp}: t/(T-t) is infinite at t = T; pass a finite clamp > 0")
-    if args.atilde_max < 0 or args.max_patches < 0:
-        p.error("--atilde-max and --max-patches must be >= 0")
+    if args.atilde_max <= 0 or args.max_patches < 0:
+        p.error("--atilde-max must be > 0 and --max-patches >= 0")
     if not 2 <= args.num_sampling_steps <= 1000:
         p.error(f"--num-sampling-steps {args.num_sampling_steps}: pick 2..1000 (the respaced chain keeps t = T)")
     if args.eval_only and not args.ckpt:

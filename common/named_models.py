@@ -13,6 +13,15 @@ DIT_TINY = dict(depth=6, hidden_size=192, patch_size=4, num_heads=3)
 # guided-diffusion's class-conditional ImageNet configs (Dhariwal & Nichol 2021, Table 11 / model card flags),
 # by resolution; "ADM-S" is a small variant of ours for CPU runs and tests.
 ADM_CONFIGS = {
+    # Not in guided-diffusion (it has no 32 px model) but used by MT-Diffusion (Table 2 at 32 px; latent sides 8 /
+    # 16 / 32 for 64 / 128 / 256 px images through the 8x SD-VAE): improved-diffusion's 32 px channel_mult, narrowed
+    # for 16 and 8, at App. E.2's width (192 channels, 3 res blocks), attention at the 16 / 8 / 4 px levels present.
+    8: dict(model_channels=192, channel_mult=(1, 2), attention_resolutions=(1, 2), num_res_blocks=3,
+            num_head_channels=64),
+    16: dict(model_channels=192, channel_mult=(1, 2, 2), attention_resolutions=(1, 2, 4), num_res_blocks=3,
+             num_head_channels=64),
+    32: dict(model_channels=192, channel_mult=(1, 2, 2, 2), attention_resolutions=(2, 4, 8), num_res_blocks=3,
+             num_head_channels=64),
     64: dict(model_channels=192, channel_mult=(1, 2, 3, 4), attention_resolutions=(2, 4, 8), num_res_blocks=3,
              num_head_channels=64),
     128: dict(model_channels=256, channel_mult=(1, 1, 2, 3, 4), attention_resolutions=(4, 8, 16),

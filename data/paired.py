@@ -104,10 +104,14 @@ def voc_palette(num_colors):
 
 
 class SyntheticPairs(Dataset):
-    """(semantic map as a VOC-palette colour image, the photo-like image), both (3, H, W) in [-1, 1]."""
+    """(semantic map as a VOC-palette colour image, the photo-like image), both (3, H, W) in [-1, 1]; swapped for
+    direction "BtoA" (image -> label map, Table 4's direction)."""
 
-    def __init__(self, num_samples=10000, image_size=32, seed=0, num_classes=4):
+    def __init__(self, num_samples=10000, image_size=32, seed=0, num_classes=4, direction="AtoB"):
+        if direction not in DIRECTIONS:
+            raise ValueError(f"unknown direction '{direction}'; choose one of {', '.join(DIRECTIONS)}")
         self.shapes = SyntheticShapes(num_samples, image_size, seed, num_classes, dense=True)
+        self.direction = direction
         self.palette = torch.from_numpy(voc_palette(num_classes + 1)).float() / 127.5 - 1  # (classes, 3)
 
     def __len__(self):
@@ -115,5 +119,5 @@ class SyntheticPairs(Dataset):
 
     def __getitem__(self, idx):
         item = self.shapes[idx]
-        source = self.palette[item["semseg"]].permute(2, 0, 1).contiguous()
-        return source, item["image"]
+        colours = self.palette[item["semseg"]].permute(2, 0, 1).contiguous()
+        return (colours, item["image"]) if self.direction == "AtoB" else (item["image"], colours)

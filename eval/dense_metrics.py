@@ -15,6 +15,7 @@ step by step (see `EdgeMeter` for the procedure and the few remaining difference
 import math
 
 import numpy as np
+import torch
 from scipy import ndimage, sparse
 from scipy.sparse import csgraph
 
@@ -98,6 +99,25 @@ class SegMeter:
         if self.average == "all":  # eval_semseg.py get_score: np.mean over every class, absent ones as 0
             return float(np.nan_to_num(iou, nan=0.0).mean() * 100)
         return float(np.nanmean(iou) * 100) if np.isfinite(iou).any() else float("nan")
+
+
+    def pixel_accuracy(self):
+        """Per-pixel accuracy (Zhu et al. 2017's FCN scores): correctly labelled valid pixels / valid pixels."""
+        return float(np.diag(self.confusion[:, :self.num_classes]).sum() / max(self.confusion.sum(), 1))
+
+    def class_accuracy(self):
+        """Per-class accuracy: the mean over the classes present in the ground truth of their pixels' recall."""
+        total = self.confusion.sum(1)
+        recall = np.diag(self.confusion[:, :self.num_classes]) / np.maximum(total, 1)
+        return float(recall[total > 0].mean()) if (total > 0).any() else float("nan")
+
+
+def labels_from_colours(images, palette):
+    """Colour-coded label maps (N, 3, H, W) -> class indices (N, H, W): each pixel's nearest palette colour
+    (palette (K, 3), same value range as images); reads generated maps whose colours are only approximate."""
+    palette = torch.as_tensor(palette, dtype=torch.float32, device=images.device)
+    distance = ((images.float()[:, None] - palette[None, :, :, None, None]) ** 2).sum(dim=2)  # (N, K, H, W)
+    return distance.argmin(dim=1)
 
 
 def miou(pred, gt, num_classes, ignore_index=255, average="all"):

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from eval.dense_metrics import (DepthMeter, EdgeMeter, SaliencyMeter, SegMeter, correspond_pixels, delta_m,
-                                depth_rmse, edge_nms, edge_orientation, format_table, max_f, miou,
-                                normal_mean_error, ods_f, seg2bmap, thin)
+                                depth_rmse, edge_nms, edge_orientation, format_table, labels_from_colours, max_f,
+                                miou, normal_mean_error, ods_f, seg2bmap, thin)
 
 
 #################################################################################
@@ -419,3 +419,21 @@ def test_format_table_aligns_columns():
     ends = lambda line: [m.end() for m in re.finditer(r"\S+", line)]
     for line in body:  # numbers are right-aligned under their header
         assert ends(line)[1:] == ends(header)
+
+
+def test_fcn_scores_pixel_and_class_accuracy():
+    # Zhu et al. 2017's label scores from the pooled confusion matrix, counted by hand: gt 0 0 0 1 1 2 (class 3
+    # absent from the ground truth), pred 0 0 1 1 3 2 -> 4/6 pixels right; recalls 2/3, 1/2, 1/1 over present classes
+    meter = SegMeter(4)
+    meter.update(np.array([[0, 0, 1, 1, 3, 2]]), np.array([[0, 0, 0, 1, 1, 2]]))
+    assert meter.pixel_accuracy() == pytest.approx(4 / 6)
+    assert meter.class_accuracy() == pytest.approx((2 / 3 + 1 / 2 + 1) / 3)
+    # IoU: class 0 2/3, class 1 1/3, class 2 1, class 3 0 (a false positive only)
+    assert meter.result() == pytest.approx(100 * (2 / 3 + 1 / 3 + 1 + 0) / 4)
+
+
+def test_labels_from_colours_reads_the_nearest_palette_colour():
+    palette = torch.tensor([[-1.0, -1.0, -1.0], [1.0, -1.0, -1.0], [-1.0, 1.0, 1.0]])
+    labels = torch.tensor([[[0, 1], [2, 1]]])
+    images = palette[labels].permute(0, 3, 1, 2) + 0.3 * torch.tensor([1.0, -1.0, 0.5])[None, :, None, None]
+    assert torch.equal(labels_from_colours(images, palette), labels)

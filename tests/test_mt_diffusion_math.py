@@ -8,7 +8,7 @@ import torch
 from common.diffusion import get_beta_schedule
 from mt_diffusion import (MTSchedule, aggregation_coefficients, forward_step, posterior_mean_variance,
                           predict_z0_from_eps, prior_sample, q_mean_variance, q_posterior, q_sample, reverse_step,
-                          sample_loop, task_weight_schedule)
+                          sample_loop, task_weight_schedule, task_weights)
 
 T = 50
 
@@ -59,6 +59,23 @@ def test_paper_task_weights_respect_clamp():
         task_weight_schedule("paper", 10, clamp=None)
     with pytest.raises(ValueError, match="paper"):
         task_weight_schedule("papr", 10)
+
+
+def test_task_weight_flags():
+    # --task-weight paper is App. E's t/(T-t) itself (clamped at 1), whose atilde reaches ~270 (cosine, T = 1000);
+    # paper-rescaled has the same shape with max atilde = atilde_max; constant is w_t = value unscaled
+    betas = get_beta_schedule("cosine", 1000)
+    t = np.arange(1, 1000, dtype=np.float64)
+    paper = task_weights("paper", betas).numpy()
+    np.testing.assert_allclose(paper[:-1], np.minimum(t / (1000 - t), 1.0), rtol=1e-15)
+    assert paper[-1] == 1.0
+    atilde = _atilde_double_loop(1 - betas, paper)
+    assert 200 < atilde.max() < 300
+    rescaled = task_weights("paper-rescaled", betas, atilde_max=0.5).numpy()
+    np.testing.assert_allclose(rescaled / paper, rescaled[0] / paper[0], rtol=1e-12)  # one factor throughout
+    np.testing.assert_allclose(_atilde_double_loop(1 - betas, rescaled).max(), 0.5, rtol=1e-12)
+    assert np.all(task_weights("constant", betas, value=0.3).numpy() == 0.3)
+    assert np.all(task_weights("zero", betas).numpy() == 0)
 
 
 @pytest.mark.parametrize("M", [None, 3])
@@ -181,23 +198,55 @@ def _oracle(sched, z0, encodings):
     return eps_fn
 
 
-def test_oracle_sampler_recovers_z0():
-    sched = MTSchedule(get_beta_schedule("linear", T), task_weight_schedule("paper", T, clamp=1.0))
-    shape = (3, 2, 4, 4)
-    z0 = torch.rand(shape, dtype=torch.float64) * 2 - 1
-    encodings = [z0 * (torch.rand(shape, dtype=torch.float64) > 0.3)]  # masked image, identity encoder
-    gen = torch.Generator().manual_seed(0)
-    out = sample_loop(sched, _oracle(sched, z0, encodings), encodings, shape, generator=gen)
-    assert (out - z0).abs().max() < 1e-5
-    # with a wrong noise model it does not
-    out = sample_loop(sched, lambda z, t: torch.zeros_like(z), encodings, shape, generator=gen)
-    assert (out - z0).abs().max() > 1e-2
-    # one reverse step with the oracle lands on z_0 at t = 1 whatever the noise
-    t0 = torch.zeros(3, dtype=torch.long)
-    z1 = q_sample(sched, z0, encodings, t0)
-    eps = _oracle(sched, z0, encodings)(z1, t0)
-    z = reverse_step(sched, z1, eps, encodings, t0, noise=torch.randn(shape, dtype=torch.float64))
-    torch.testing.assert_close(z, z0, rtol=1e-10, atol=1e-10)
+def _check_marginals(seen, mean_var, n, what):
+    """Every recorded z_t (a batch of n independent chains per coordinate) has the mean and variance of
+    mean_var(index) = q(z_t | z_0, X) within 5 standard errors."""
+    for index, z in seen:
+        mean, var = mean_var(index)
+        se_mean, se_var = (var / n).sqrt(), var * math.sqrt(2.0 / (n - 1))
+        assert torch.all((z.mean(0) - mean).abs() < 5 * se_mean), (what, index, z.mean(0), mean)
+        assert torch.all((z.var(0) - var).abs() < 5 * se_var), (what, index, z.var(0), var)
+
+
+def _recording_oracle(sched, z0, encodings, seen, index_of=lambda i: i):
+    """The oracle eps of _oracle, recording each z_t it is given as (original-chain index, z_t)."""
+    oracle = _oracle(sched, z0, encodings)
+
+    def eps_fn(z_t, t):
+        seen.append((index_of(int(t[0])), z_t.clone()))
+        return oracle(z_t, torch.full_like(t, index_of(int(t[0]))))
+    return eps_fn
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_oracle_sampler_follows_every_forward_marginal(clip):
+    # with the true noise, each reverse step draws z_{t-1} from q(z_{t-1} | z_t, z_0, X), so starting from the
+    # marginal at T every z_t on the way is distributed as q(z_t | z_0, X) (Eq. 4), and z_0 is hit exactly;
+    # 20k chains per coordinate, two coordinates with different z_0 and E (inside [-1, 1], so the clip is inactive)
+    n = 20_000
+    sched = MTSchedule(get_beta_schedule("linear", T), _random_weights(T, 1, seed=7))
+    z0 = torch.tensor([[0.7, -0.4]], dtype=torch.float64).expand(n, 2)
+    encodings = [torch.tensor([[1.0, -0.8]], dtype=torch.float64).expand(n, 2)]
+    seen = []
+    out = sample_loop(sched, _recording_oracle(sched, z0, encodings, seen), encodings, (n, 2),
+                      generator=torch.Generator().manual_seed(0), clip_denoised=clip)
+    assert [i for i, _ in seen] == list(range(T - 1, -1, -1))
+    t = lambda i: torch.tensor([i])
+    _check_marginals(seen, lambda i: [x[0] for x in q_mean_variance(sched, z0[:1], [encodings[0][:1]], t(i))], n,
+                     "oracle")
+    torch.testing.assert_close(out, z0, rtol=0, atol=1e-9)
+
+
+def test_clipped_sampler_lands_in_the_data_range():
+    # clip_denoised clamps the predicted z_0 to [-1, 1]; the last step (t = 1, abar_0 = 1) returns that clamped
+    # z_0 itself, so an oracle aiming at z_0 = +-3 ends at +-1 with the clip and at +-3 without
+    sched = MTSchedule(get_beta_schedule("cosine", T), _random_weights(T, 1, seed=6))
+    z0 = 3 * torch.sign(torch.randn(5, 3, dtype=torch.float64))
+    encodings = [torch.randn(5, 3, dtype=torch.float64)]
+    for clip, expected in ((True, z0.clamp(-1, 1)), (False, z0)):
+        out = sample_loop(sched, _oracle(sched, z0, encodings), encodings, (5, 3), torch.Generator().manual_seed(1),
+                          clip_denoised=clip)
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-9)
 
 
 def test_reverse_step_std_is_sqrt_beta_tilde():
@@ -229,25 +278,26 @@ def test_prior_sample_matches_forward_marginal_at_T():
     assert z_plain.mean().abs() < 5 * se_mean  # no task data: centred
 
 
-def test_constrained_restoration_keeps_known_region():
+def test_constrained_sampler_replaces_the_known_region_by_its_marginals():
+    # known = (mask, z_0): before every step the known coordinates are a fresh draw of q(z_t | z_0, X) whatever
+    # the model does (here eps = 0, a bad model); the returned z_0 is the model's own, not pasted back
+    n = 20_000
     sched = MTSchedule(get_beta_schedule("cosine", 20), task_weight_schedule("paper", 20))
-    shape = (2, 3, 8, 8)
-    z0 = torch.rand(shape) * 2 - 1
-    mask = torch.zeros(shape)
-    mask[..., :4] = 1
+    z0 = torch.tensor([[0.5, -0.3]], dtype=torch.float64).expand(n, 2)
+    mask = torch.tensor([[1.0, 0.0]], dtype=torch.float64).expand(n, 2)
     encodings = [z0 * mask]
     seen = []
 
-    def eps_fn(z, t):  # a deliberately bad model: the known region must survive anyway
-        seen.append(z.clone())
-        return torch.randn_like(z)
-    out = sample_loop(sched, eps_fn, encodings, shape, generator=torch.Generator().manual_seed(1), known=(mask, z0))
-    known = mask.bool()
-    assert torch.equal(out[known], z0[known])
-    assert not torch.allclose(out[~known], z0[~known], atol=1e-2)
-    assert len(seen) == 20 and not torch.allclose(seen[-1][known], z0[known], atol=1e-3)  # noisy before the end
+    def eps_fn(z, t):
+        seen.append((int(t[0]), z[:, :1].clone()))
+        return torch.zeros_like(z)
+    out = sample_loop(sched, eps_fn, encodings, (n, 2), generator=torch.Generator().manual_seed(1), known=(mask, z0))
+    assert len(seen) == 20
+    _check_marginals(seen, lambda i: [x[0, :1] for x in q_mean_variance(sched, z0[:1], [encodings[0][:1]],
+                                                                           torch.tensor([i]))], n, "known")
+    assert (out[:, 0] - z0[:, 0]).abs().mean() > 1e-2  # the bad model's last step: no paste-back in the sampler
     with pytest.raises(ValueError, match="mask"):
-        sample_loop(sched, eps_fn, encodings, shape, known=(mask * 0.5, z0))
+        sample_loop(sched, eps_fn, encodings, (n, 2), known=(mask * 0.5, z0))
 
 
 def test_encoding_count_must_match_weight_columns():
@@ -255,21 +305,3 @@ def test_encoding_count_must_match_weight_columns():
     z = torch.zeros(2, 3)
     with pytest.raises(ValueError, match="encodings"):
         q_sample(sched, z, [z, z, z], torch.tensor([0, 1]))
-
-
-def test_clipped_reverse_step_is_eq5_with_clamped_z0():
-    # clip_denoised (ADM): mu is the x0-form of Eq. (5) at z_0 = Eq. (10) clamped to [-1, 1]; identical to the
-    # eps-form whenever the clamp does not act
-    sched = MTSchedule(get_beta_schedule("cosine", T), _random_weights(T, 1, seed=6))
-    shape, t = (4, 3, 2, 2), torch.tensor([1, 10, 30, 49])
-    z0, e, eps = torch.rand(shape, dtype=torch.float64) * 1.8 - 0.9, torch.randn(shape, dtype=torch.float64), \
-        torch.randn(shape, dtype=torch.float64)
-    zt, noise = q_sample(sched, z0, [e], t, eps), torch.randn(shape, dtype=torch.float64)
-    torch.testing.assert_close(reverse_step(sched, zt, eps, [e], t, noise, clip_denoised=True),
-                               reverse_step(sched, zt, eps, [e], t, noise), rtol=1e-9, atol=1e-9)
-    far = 3 * torch.sign(torch.randn(shape, dtype=torch.float64))  # z_0 outside the data range
-    zt = q_sample(sched, far, [e], t, eps)
-    mean, var = q_posterior(sched, far.clamp(-1, 1), zt, [e], t)
-    torch.testing.assert_close(reverse_step(sched, zt, eps, [e], t, noise, clip_denoised=True),
-                               mean + var.sqrt() * noise, rtol=1e-9, atol=1e-9)
-    assert not torch.allclose(reverse_step(sched, zt, eps, [e], t, noise), mean + var.sqrt() * noise, atol=1e-3)

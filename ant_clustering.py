@@ -20,7 +20,6 @@ import contextlib
 import functools
 import math
 import os
-import sys
 
 import numpy as np
 import torch
@@ -888,7 +887,6 @@ def parse_args(argv=None):
     p.add_argument("--inception-weights", default=None, help="FID Inception weights for --ref")
     add_run_args(p)
     add_compare_args(p)
-    argv = sys.argv[1:] if argv is None else argv
     args = finish_args(p, p.parse_args(argv), DEMO, PAPER)
     args.compare = comparison_requested(args, argv) and not (args.sample_only or args.ntg or args.task_affinity)
     if args.compare and (args.mtl == "none" or args.t_range):

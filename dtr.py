@@ -15,7 +15,6 @@ Min-SNR / P2 / ANT-UW weighting, (3) the training loop (DiT train.py conventions
 """
 import argparse
 import os
-import sys
 
 import numpy as np
 import torch
@@ -355,7 +354,6 @@ def parse_args(argv=None):
     p.add_argument("--cka", action="store_true", help="write the Fig. 6 CKA heat-maps of --ckpt and exit")
     add_run_args(p)
     add_compare_args(p)
-    argv = sys.argv[1:] if argv is None else argv
     args = finish_args(p, p.parse_args(argv), DEMO, PAPER)
     if (args.sample_only or args.cka) and not args.ckpt:
         p.error("--sample-only and --cka need --ckpt PATH")

@@ -6,6 +6,7 @@ import argparse
 import csv
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -36,8 +37,9 @@ def add_compare_args(p):
                    help="class-conditional samples judged per model (classes in turn)")
 
 
-def comparison_requested(args, argv):
-    """--compare as given; else on for the bare command line (argv empty) or when --seeds is set."""
+def comparison_requested(args, argv=None):
+    """--compare as given; else on for the bare command line (argv, default sys.argv[1:], empty) or with --seeds."""
+    argv = sys.argv[1:] if argv is None else argv
     return args.compare if args.compare is not None else (len(argv) == 0 or args.seeds is not None)
 
 

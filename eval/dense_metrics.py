@@ -100,7 +100,6 @@ class SegMeter:
             return float(np.nan_to_num(iou, nan=0.0).mean() * 100)
         return float(np.nanmean(iou) * 100) if np.isfinite(iou).any() else float("nan")
 
-
     def pixel_accuracy(self):
         """Per-pixel accuracy (Zhu et al. 2017's FCN scores): correctly labelled valid pixels / valid pixels."""
         return float(np.diag(self.confusion[:, :self.num_classes]).sum() / max(self.confusion.sum(), 1))

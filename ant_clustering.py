@@ -850,9 +850,9 @@ def negative_transfer_gap(args):
 PAPER = dict(steps=800_000, global_batch_size=50, lr=1e-4, ema_decay=0.9999, num_workers=4, log_every=100,
              ckpt_every=50_000, sample_every=10_000, image_size=256, num_sampling_steps=250, clustering="timestep",
              affinity_timesteps=100, affinity_images=1000, proj_dim=4096)
-DEMO = dict(steps=300, global_batch_size=30, lr=1e-3, ema_decay=0.99, num_workers=0, log_every=25,
-            ckpt_every=300, sample_every=300, image_size=16, num_sampling_steps=50, clustering="gradient",
-            affinity_timesteps=20, affinity_images=64, proj_dim=0)
+DEMO = dict(steps=2000, global_batch_size=30, lr=2e-3, ema_decay=0.99, num_workers=0, log_every=100,
+            ckpt_every=2000, sample_every=2000, image_size=16, num_sampling_steps=50, clustering="gradient",
+            affinity_timesteps=20, affinity_images=64, proj_dim=0)  # dtr.py's demo; batch divisible by k = 5
 
 
 def parse_args(argv=None):

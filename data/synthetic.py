@@ -5,7 +5,8 @@ An item is a low-contrast textured background (a coloured plane: soft linear gra
 saturated shapes on it. The class label is the type of the largest shape, which is also the nearest one, so it is
 never occluded; the 0-2 smaller shapes have random types. Every shape type has its own hue band (circle red, ...),
 which together with the silhouette makes the classes easy to tell apart; the set is meant to let a tiny diffusion
-model improve within minutes on a CPU.
+model improve within minutes on a CPU. `class_hues=False` draws the same scenes with every shape coloured at random:
+the demos' judge (eval/shape_classifier.py) trains on that, so it has to read the silhouettes.
 
 Returns (image, label) with image a float (3, H, W) tensor in [-1, 1], or with `dense=True` a dict
     image   (3, H, W) float32 in [-1, 1]
@@ -101,8 +102,9 @@ class Scene:
     plane_depth: float  # depth of the background plane at the image centre
 
 
-def sample_scene(rng, num_classes):
-    """Draw the random parameters of one item from rng (one vectorised draw: generation must stay < 1 ms)."""
+def sample_scene(rng, num_classes, class_hues=True):
+    """Draw the random parameters of one item from rng (one vectorised draw: generation must stay < 1 ms);
+    class_hues=False draws every shape's hue uniformly, so only the silhouette tells the class (same geometry)."""
     draws = iter(rng.random(48).tolist())  # >= the 40 needed by 3 shapes + background, consumed in a fixed order
     uniform = lambda low, high: low + (high - low) * next(draws)
     label = int(next(draws) * num_classes)
@@ -116,7 +118,9 @@ def sample_scene(rng, num_classes):
         centre = np.array([uniform(-span, span), uniform(-span, span)])
         angle = uniform(-np.pi / 12, np.pi / 12) if SHAPE_TYPES[kind] not in ("circle", "ring") else 0.0
         # One hue band per type keeps the classes apart; saturated and bright so they pop from the background.
-        hue = (kind + uniform(-0.2, 0.2)) / num_classes % 1.0
+        # Without class hues the same draw spreads over the whole circle: the scene's geometry is unchanged.
+        jitter = uniform(-0.2, 0.2)
+        hue = (kind + jitter) / num_classes % 1.0 if class_hues else (jitter + 0.2) / 0.4
         rgb = np.array(colorsys.hsv_to_rgb(hue, uniform(0.75, 1.0), uniform(0.8, 1.0)))
         shapes.append(Shape(kind, size, centre, angle, rgb, depth))
         # The next (nearer) shape starts in front of this one's front surface, so no two shapes interpenetrate
@@ -216,16 +220,17 @@ def render_scene(scene, grid, dense=False):
 #################################################################################
 
 class SyntheticShapes(Dataset):
-    """Deterministic coloured-shape images (num_classes shape types); dense=True adds the 5 dense task labels."""
+    """Deterministic coloured-shape images (num_classes shape types); dense=True adds the 5 dense task labels;
+    class_hues=False colours every shape at random (the shape-only judge of eval/shape_classifier.py)."""
 
-    def __init__(self, num_samples=10000, image_size=32, seed=0, num_classes=4, dense=False):
+    def __init__(self, num_samples=10000, image_size=32, seed=0, num_classes=4, dense=False, class_hues=True):
         if not 1 <= num_classes <= len(SHAPE_TYPES):
             raise ValueError(f"num_classes={num_classes} is not supported; choose 1..{len(SHAPE_TYPES)} "
                              f"(shape types {', '.join(SHAPE_TYPES)})")
         if image_size < 8:
             raise ValueError(f"image_size={image_size} is too small to draw shapes; use 8 or more (e.g. 32)")
         self.num_samples, self.image_size, self.seed = num_samples, image_size, seed
-        self.num_classes, self.dense = num_classes, dense
+        self.num_classes, self.dense, self.class_hues = num_classes, dense, class_hues
         self.semseg_classes = ("background",) + SHAPE_TYPES[:num_classes]
         self.num_seg_classes = num_classes + 1
         self.grid = pixel_grid(image_size)
@@ -238,7 +243,7 @@ class SyntheticShapes(Dataset):
         if not -self.num_samples <= idx < self.num_samples:
             raise IndexError(f"index {idx} out of range for {self.num_samples} samples")
         rng = np.random.default_rng([self.seed, idx % self.num_samples])
-        scene = sample_scene(rng, self.num_classes)
+        scene = sample_scene(rng, self.num_classes, self.class_hues)
         return render_scene(scene, self.grid, self.dense if dense is None else dense)
 
     def __getitem__(self, idx):

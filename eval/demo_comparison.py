@@ -3,20 +3,25 @@ model of each drawing class-conditional samples from the same noise, judged by e
 accuracy, FD-synthetic). Writes compare.csv, one labelled PNG grid (a row per class, the method beside vanilla) and
 the judged samples (samples-<model>-seed<seed>.npz, ADM's uint8 arr_0 with the labels as arr_1); prints a table."""
 import argparse
+import contextlib
 import csv
+import multiprocessing
 import os
+import re
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
+from tqdm.auto import tqdm
 
 from common.adm_npz import atomic_savez, to_uint8
 from common.checkpoint_formats import model_from_checkpoint
 from common.class_conditional_cli import sampling_kwargs
 from common.sampling import sample_images
-from common.training_run import fail, init_distributed, latest_checkpoint, numbered_dir, positive_int
+from common.training_run import InputError, fail, init_distributed, latest_checkpoint, numbered_dir, positive_int
 from data.labelled_images import create_dataset
 from data.synthetic import SHAPE_TYPES
 from eval.shape_classifier import judge_samples, load_or_train_classifier
@@ -35,6 +40,9 @@ def add_compare_args(p):
                    help="compare once per seed (implies --compare; default: --seed only)")
     g.add_argument("--compare-samples", type=positive_int, default=128,
                    help="class-conditional samples judged per model (classes in turn)")
+    g.add_argument("--compare-workers", type=positive_int, default=None,
+                   help="CPU: runs trained at once, each in its own process (default: the cores / torch threads, "
+                        "2 on 2 cores; the results do not depend on it); GPU: one at a time")
 
 
 def comparison_requested(args, argv=None):
@@ -85,25 +93,83 @@ def run_comparison(train, args, variants, script, prepare, setting):
     out = numbered_dir(args.results_dir, f"{script}-compare-{args.model}")
     num_classes = create_dataset(args.data, args.image_size, args.num_classes)[3]
     judge = load_or_train_classifier(num_classes, args.image_size, args.results_dir, device)
+    jobs = [(seed, name, argparse.Namespace(**{**vars(args), **overrides, "seed": seed, "results_dir": out}))
+            for seed in seeds for name, overrides in variants]
+    workers = 1 if device.type == "cuda" else min(len(jobs), args.compare_workers or max(
+        1, (os.cpu_count() or 1) // torch.get_num_threads()))
+    trained = train_jobs(train, [(f"{name}-seed{seed}", vargs) for seed, name, vargs in jobs], out, workers)
     rows, grid = [], []
-    for seed in seeds:
-        for name, overrides in variants:
-            vargs = argparse.Namespace(**{**vars(args), **overrides, "seed": seed, "results_dir": out})
-            start = time.time()
-            run_dir = train(vargs)
-            seconds = time.time() - start
-            images, labels = judged_samples(run_dir, args, script, prepare, device, seed)
-            atomic_savez(os.path.join(out, f"samples-{name}-seed{seed}.npz"), arr_0=images, arr_1=labels)
-            scores = judge_samples(judge, from_uint8(images), torch.from_numpy(labels))
-            rows.append({"model": name, setting: overrides[setting], "steps": args.steps, **scores, "seed": seed,
-                         "train_seconds": round(seconds, 1)})
-            if seed == seeds[0]:
-                grid.append((name, images, labels))
+    for (seed, name, vargs), (run_dir, seconds) in zip(jobs, trained):
+        images, labels = judged_samples(run_dir, args, script, prepare, device, seed)
+        atomic_savez(os.path.join(out, f"samples-{name}-seed{seed}.npz"), arr_0=images, arr_1=labels)
+        scores = judge_samples(judge, from_uint8(images), torch.from_numpy(labels))
+        rows.append({"model": name, setting: getattr(vargs, setting), "steps": args.steps, **scores, "seed": seed,
+                     "train_seconds": round(seconds, 1)})
+        if seed == seeds[0]:
+            grid.append((name, images, labels))
     write_csv(rows, os.path.join(out, "compare.csv"), setting)
     save_comparison_grid(grid, os.path.join(out, "compare.png"), SHAPE_TYPES[:num_classes])
     print(comparison_table(rows, setting))
     print(f"wrote {os.path.join(out, 'compare.csv')} and {os.path.join(out, 'compare.png')}")
     return out
+
+
+def timed_train(train, vargs):
+    """(run dir, seconds) of one training run."""
+    start = time.time()
+    return train(vargs), time.time() - start
+
+
+def train_quietly(train, vargs, console):
+    """timed_train in a worker process, its console (log lines, bars, a one-line error) written to `console`; a
+    one-line error comes back to the parent as an InputError with that line."""
+    with open(console, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        try:
+            return timed_train(train, vargs)
+        except SystemExit as e:
+            if e.code in (0, None):
+                raise
+    last = (open(console).read().strip().splitlines() or ["exit status 2"])[-1]
+    raise InputError(f"{last.removeprefix('error: ')} (run console: {console})")
+
+
+def run_folders(out):
+    return {d for d in os.listdir(out) if re.match(r"\d{3,}-", d) and os.path.isdir(os.path.join(out, d))}
+
+
+def logged_step(run_dir):
+    """The last step in a run's metrics.csv (0 before its first row)."""
+    try:
+        with open(os.path.join(run_dir, "metrics.csv")) as f:
+            last = f.read().strip().rsplit("\n", 1)[-1].split(",", 1)[0]
+        return int(last) if last.isdigit() else 0
+    except OSError:
+        return 0
+
+
+def train_jobs(train, jobs, out, workers):
+    """Train the runs `jobs` ((label, argument namespace), all in folder `out`) and return [(run dir, seconds)].
+    With workers > 1 (CPU) they train in that many spawned processes, one console file each (<out>/<label>.out); each
+    starts once the one before has made its numbered folder, so the numbers follow the job order whatever the
+    timing, and every run is the same as trained alone. The parent's bar counts the steps the runs have logged."""
+    if workers == 1:
+        return [timed_train(train, vargs) for _, vargs in jobs]
+    print(f"training {len(jobs)} runs, {workers} at a time in their own processes; their consoles: {out}/*.out")
+    dirs, futures = [], []
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool, \
+            tqdm(total=sum(v.steps for _, v in jobs), desc="train (all runs)") as bar:
+        def poll():
+            bar.update(sum(logged_step(os.path.join(out, d)) for d in dirs) - bar.n)
+            time.sleep(0.2)
+        for label, vargs in jobs:
+            before = run_folders(out)
+            futures.append(pool.submit(train_quietly, train, vargs, os.path.join(out, f"{label}.out")))
+            while not (new := run_folders(out) - before) and not futures[-1].done():
+                poll()
+            dirs += sorted(new)
+        while not all(f.done() for f in futures):
+            poll()
+        return [f.result() for f in futures]
 
 
 def write_csv(rows, path, setting):

@@ -5,8 +5,11 @@ every demo is judged by a classifier trained on the synthetic set itself:
   * class accuracy: the fraction of class-conditional samples whose intended class the classifier recognises;
   * FD-synthetic: the Frechet distance (eval/fid.py's `frechet_distance`, Eq. of Heusel et al. 2017) between the
     Gaussians fitted to the classifier's penultimate features of the samples and of held-out synthetic images.
-The classifier trains on its own seeds of the synthetic set (never the images a demo trains on), in a few seconds
-on a CPU, and is cached in the run's results folder.
+The judge is colour-blind: it trains on the synthetic scenes with every shape coloured at random
+(`class_hues=False`), so it must read the silhouette. Trained on the class-coloured set, the same network reads the
+hue alone (chance accuracy on randomly coloured shapes, tests/test_shape_classifier.py) and would pass coloured
+blobs. It trains on its own seeds (never the images a demo trains on), in seconds on a CPU, and is cached in the
+results folder.
 """
 import os
 
@@ -40,17 +43,19 @@ class ShapeClassifier(nn.Module):
         return self.head(self.features(x))
 
 
-def synthetic_images(num_classes, image_size, num_images, seed):
-    """(images in [-1, 1] as (N, 3, H, W), labels) of the synthetic set drawn with `seed`."""
-    dataset = SyntheticShapes(num_images, image_size, seed=seed, num_classes=num_classes)
+def synthetic_images(num_classes, image_size, num_images, seed, class_hues=True):
+    """(images in [-1, 1] as (N, 3, H, W), labels) of the synthetic set drawn with `seed` (class_hues: see
+    SyntheticShapes)."""
+    dataset = SyntheticShapes(num_images, image_size, seed=seed, num_classes=num_classes, class_hues=class_hues)
     images, labels = zip(*(dataset[i] for i in range(num_images)))
     return torch.stack(images), torch.tensor(labels)
 
 
-def train_classifier(num_classes, image_size, num_images=4000, epochs=4, batch_size=128, seed=0):
-    """Train a ShapeClassifier on `num_images` synthetic images of its own seeds (Adam); returned in eval mode."""
+def train_classifier(num_classes, image_size, num_images=4000, epochs=8, batch_size=128, seed=0, class_hues=False):
+    """Train a ShapeClassifier on `num_images` synthetic images of its own seeds (Adam), coloured at random unless
+    class_hues; returned in eval mode."""
     torch.manual_seed(seed)
-    images, labels = synthetic_images(num_classes, image_size, num_images, TRAIN_SEED + seed)
+    images, labels = synthetic_images(num_classes, image_size, num_images, TRAIN_SEED + seed, class_hues)
     model = ShapeClassifier(num_classes)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(seed)
@@ -66,10 +71,14 @@ def train_classifier(num_classes, image_size, num_images=4000, epochs=4, batch_s
     return model.eval()
 
 
+def judge_cache_path(cache_dir, num_classes, image_size, seed=0, num_images=4000):
+    """Where load_or_train_classifier keeps the judge of these settings."""
+    return os.path.join(cache_dir, f"shape-judge-c{num_classes}-s{image_size}-n{num_images}-seed{seed}.pt")
+
+
 def load_or_train_classifier(num_classes, image_size, cache_dir, device="cpu", seed=0, num_images=4000):
     """The classifier for (num_classes, image_size), read from cache_dir or trained and written there."""
-    name = f"shape-classifier-c{num_classes}-s{image_size}-n{num_images}-seed{seed}.pt"
-    path = os.path.join(cache_dir, name)
+    path = judge_cache_path(cache_dir, num_classes, image_size, seed, num_images)
     model = ShapeClassifier(num_classes)
     if os.path.exists(path):
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))

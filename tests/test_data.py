@@ -1,4 +1,5 @@
 """Datasets: synthetic shapes (determinism, label geometry, learnability), image folders, pairs, latent shards."""
+import colorsys
 import json
 import os
 import warnings
@@ -12,7 +13,7 @@ from PIL import Image
 from data.image_folder import ImageFolder, center_crop_arr, to_tensor
 from data.latents import LatentDataset, LatentShardWriter, sample_latents
 from data.paired import PairedImages, SyntheticPairs, voc_palette
-from data.synthetic import FOCAL, NUM_SEG_CLASSES, SEMSEG_CLASSES, SyntheticShapes, pixel_grid
+from data.synthetic import FOCAL, NUM_SEG_CLASSES, SEMSEG_CLASSES, SyntheticShapes, pixel_grid, sample_scene
 
 
 #################################################################################
@@ -45,6 +46,26 @@ def test_ranges_and_dtypes():
     assert set(item["edge"].unique().tolist()) <= {0.0, 1.0} and set(item["sal"].unique().tolist()) <= {0.0, 1.0}
     with pytest.raises(ValueError, match="num_classes"):
         SyntheticShapes(num_classes=99)
+
+
+def test_random_hues_keep_the_scene_and_free_the_colour_from_the_class():
+    """class_hues=False (the judge's training set) draws the same scenes; only the shapes' hues leave their bands."""
+    hues = {True: [[] for _ in range(4)], False: [[] for _ in range(4)]}
+    for i in range(300):
+        coloured, free = (sample_scene(np.random.default_rng([5, i]), 4, class_hues) for class_hues in (True, False))
+        assert coloured.label == free.label and np.array_equal(coloured.background_rgb, free.background_rgb)
+        for a, b in zip(coloured.shapes, free.shapes, strict=True):
+            assert (a.kind, a.size, a.angle, a.depth) == (b.kind, b.size, b.angle, b.depth)
+            assert np.array_equal(a.centre, b.centre)
+        for class_hues, scene in ((True, coloured), (False, free)):
+            hues[class_hues][scene.label].append(colorsys.rgb_to_hsv(*scene.shapes[-1].rgb)[0])
+    # the labelled shape's hue: within its class band (+-0.2 / 4 of the circle, wrapped) vs spread over the circle
+    for c in range(4):
+        banded = [min(abs(h - c / 4), 1 - abs(h - c / 4)) for h in hues[True][c]]
+        spread = np.histogram(hues[False][c], bins=4, range=(0, 1))[0]
+        assert max(banded) <= 0.05 + 1e-9 and spread.min() > 0.1 * len(hues[False][c])
+    a, b = SyntheticShapes(4, 32, seed=5, dense=True), SyntheticShapes(4, 32, seed=5, dense=True, class_hues=False)
+    assert torch.equal(a[1]["semseg"], b[1]["semseg"]) and not torch.equal(a[1]["image"], b[1]["image"])
 
 
 def neighbour_differs(labels):

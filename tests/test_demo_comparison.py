@@ -22,7 +22,7 @@ def _cheap_judge(results_dir, num_classes=4, size=16):
     """Plant a small trained judge in the cache, so that the comparison reads it instead of training its own."""
     judge = sc.train_classifier(num_classes, size, num_images=400, epochs=2)
     os.makedirs(results_dir, exist_ok=True)
-    torch.save(judge.state_dict(), os.path.join(results_dir, f"shape-classifier-c{num_classes}-s{size}-n4000-seed0.pt"))
+    torch.save(judge.state_dict(), sc.judge_cache_path(results_dir, num_classes, size))
     return judge
 
 
@@ -104,3 +104,34 @@ def test_flags_the_comparison_cannot_honour_are_one_line_errors(tmp_path, flags,
     with pytest.raises(SystemExit) as e:
         dtr.parse_args(["--compare", "--routing", "none"])
     assert e.value.code == 2
+
+
+def test_runs_trained_in_parallel_processes_give_the_sequential_comparison(tmp_path, monkeypatch):
+    """--compare-workers 2 (the default on 2 cores) trains DTR and vanilla at once in spawned processes: the same
+    folders in the same order and the same scores as one after the other (at the same torch thread count)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    tables, judge = [], _cheap_judge(tmp_path / "1")
+    for workers in ("1", "2"):
+        root = tmp_path / workers
+        os.makedirs(root, exist_ok=True)
+        torch.save(judge.state_dict(), sc.judge_cache_path(root, 4, 16))  # one judge for both
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = dtr.main(["--compare", "--results-dir", str(root), "--compare-workers", workers, *TINY])
+        rows = [{k: v for k, v in r.items() if k != "train_seconds"}
+                for r in csv.DictReader(open(os.path.join(out, "compare.csv")))]
+        tables.append((rows, sorted(d for d in os.listdir(out) if os.path.isdir(os.path.join(out, d)))))
+    assert tables[0] == tables[1]
+    assert tables[1][1] == ["000-dtr-DiT-Ti-4-dtr-beta0.8-alpha4-none-cosine", "001-dtr-DiT-Ti-4-vanilla-none-cosine"]
+    assert os.path.exists(os.path.join(out, "DTR-seed0.out")) and os.path.exists(os.path.join(out, "vanilla-seed0.out"))
+
+
+def test_a_worker_process_error_is_one_line(tmp_path, capsys):
+    _cheap_judge(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        dtr.main(["--compare", "--results-dir", str(tmp_path), "--compare-workers", "2", *TINY,
+                  "--global-batch-size", "20000"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert e.value.code == 2 and "Traceback" not in err and len(errors) == 1
+    assert "--global-batch-size" in errors[0], errors

@@ -67,7 +67,7 @@ def test_official_recipe_is_our_model_with_written_out_attention(monkeypatch):
         grads.append([p.grad for p in model.parameters() if p.requires_grad])
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
     for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # fp32 reassociation: SDPA vs softmax(QK^T)V
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", None)  # official never calls it
     bench.recipe_loss(official, diffusion, x, y, t, noise, bf16=False)
 

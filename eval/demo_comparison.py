@@ -182,7 +182,7 @@ def write_csv(rows, path, setting):
 
 def comparison_table(rows, setting):
     """The rows as a Markdown table; with several seeds, a mean +- standard deviation line per model after them."""
-    lines = [f"| model | {setting} | steps | seed | class accuracy | FD-synthetic | train s |", "|---" * 7 + "|"]
+    lines = [f"| model | {setting} | steps | seed | shape accuracy | FD-synthetic | train s |", "|---" * 7 + "|"]
     lines += [f"| {r['model']} | {r[setting]} | {r['steps']} | {r['seed']} | {r['accuracy']:.3f} | "
               f"{r['fd_synthetic']:.2f} | {r['train_seconds']:.0f} |" for r in rows]
     for name in dict.fromkeys(r["model"] for r in rows) if len({r["seed"] for r in rows}) > 1 else ():

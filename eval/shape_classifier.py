@@ -2,7 +2,7 @@
 
 On the built-in synthetic set, Inception features (trained on ImageNet) say little about 32 px coloured shapes, so
 every demo is judged by a classifier trained on the synthetic set itself:
-  * class accuracy: the fraction of class-conditional samples whose intended class the classifier recognises;
+  * (shape) class accuracy: the fraction of class-conditional samples whose intended class the judge recognises;
   * FD-synthetic: the Frechet distance (eval/fid.py's `frechet_distance`, Eq. of Heusel et al. 2017) between the
     Gaussians fitted to the classifier's penultimate features of the samples and of held-out synthetic images.
 The judge is colour-blind: it trains on the synthetic scenes with every shape coloured at random

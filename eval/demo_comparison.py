@@ -8,10 +8,12 @@ import csv
 import multiprocessing
 import os
 import re
+import signal
 import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -151,25 +153,64 @@ def train_jobs(train, jobs, out, workers):
     """Train the runs `jobs` ((label, argument namespace), all in folder `out`) and return [(run dir, seconds)].
     With workers > 1 (CPU) they train in that many spawned processes, one console file each (<out>/<label>.out); each
     starts once the one before has made its numbered folder, so the numbers follow the job order whatever the
-    timing, and every run is the same as trained alone. The parent's bar counts the steps the runs have logged."""
+    timing, and every run is the same as trained alone. The parent's bar counts the steps the runs have logged.
+    SIGTERM / SIGUSR1 reach every run (passed on to the processes): each checkpoints, and the comparison stops."""
     if workers == 1:
-        return [timed_train(train, vargs) for _, vargs in jobs]
+        trained = []
+        for _, vargs in jobs:  # a run stopped by SIGTERM returns early: the comparison stops there
+            trained.append(timed_train(train, vargs))
+            check_finished(trained[-1][0], vargs.steps, out)
+        return trained
     print(f"training {len(jobs)} runs, {workers} at a time in their own processes; their consoles: {out}/*.out")
-    dirs, futures = [], []
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool, \
-            tqdm(total=sum(v.steps for _, v in jobs), desc="train (all runs)") as bar:
-        def poll():
-            bar.update(sum(logged_step(os.path.join(out, d)) for d in dirs) - bar.n)
-            time.sleep(0.2)
-        for label, vargs in jobs:
-            before = run_folders(out)
-            futures.append(pool.submit(train_quietly, train, vargs, os.path.join(out, f"{label}.out")))
-            while not (new := run_folders(out) - before) and not futures[-1].done():
+    dirs, futures, stop = [], [], []
+
+    def forward_stop(signum, frame):  # each training process checkpoints and stops, as a run alone would
+        stop.append(signum)
+        for child in multiprocessing.active_children():
+            os.kill(child.pid, signum)
+    handlers = {sig: signal.signal(sig, forward_stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool, \
+                tqdm(total=sum(v.steps for _, v in jobs), desc="train (all runs)") as bar:
+            def poll():
+                bar.update(sum(logged_step(os.path.join(out, d)) for d in dirs) - bar.n)
+                time.sleep(0.2)
+            for label, vargs in jobs:
+                if stop:
+                    break
+                before = run_folders(out)
+                futures.append(pool.submit(train_quietly, train, vargs, os.path.join(out, f"{label}.out")))
+                while not (new := run_folders(out) - before) and not futures[-1].done():
+                    poll()
+                dirs += sorted(new)
+            while not all(f.done() for f in futures):
                 poll()
-            dirs += sorted(new)
-        while not all(f.done() for f in futures):
-            poll()
-        return [f.result() for f in futures]
+            try:
+                trained = [f.result() for f in futures]
+            except BrokenProcessPool:  # a signal that came before a run set up its handler ended that process
+                if stop:
+                    fail(stopped_message(out))
+                raise
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    for (run_dir, _), (_, vargs) in zip(trained, jobs):
+        check_finished(run_dir, vargs.steps, out)
+    if stop:  # every started run had finished: still, the user asked to stop
+        fail(stopped_message(out))
+    return trained
+
+
+def stopped_message(out):
+    return (f"stopped by a signal before the comparison finished; the runs' checkpoints are in {out}: --compare "
+            f"starts fresh runs, so run the command again (or resume a run alone, without --compare)")
+
+
+def check_finished(run_dir, steps, out):
+    """One line and exit when a run stopped before `steps` (a stop signal): its checkpoints stay in `out`."""
+    ckpt = latest_checkpoint(run_dir)
+    if not ckpt or int(os.path.basename(ckpt).split(".")[0]) < steps:
+        fail(stopped_message(out))
 
 
 def write_csv(rows, path, setting):

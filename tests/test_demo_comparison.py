@@ -2,6 +2,10 @@
 holds one row per variant whose scores are the judge's on the saved samples of that variant; the labelled grid."""
 import csv
 import os
+import signal
+import subprocess
+import sys
+import time
 import warnings
 
 import numpy as np
@@ -14,6 +18,7 @@ import dtr
 from eval import demo_comparison as dc
 from eval import shape_classifier as sc
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--steps", "4", "--image-size", "16", "--global-batch-size", "8", "--lr", "1e-2", "--log-every", "2",
         "--num-sampling-steps", "2", "--compare-samples", "16"]
 
@@ -135,3 +140,31 @@ def test_a_worker_process_error_is_one_line(tmp_path, capsys):
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert e.value.code == 2 and "Traceback" not in err and len(errors) == 1
     assert "--global-batch-size" in errors[0], errors
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sigterm_stops_the_comparison_with_every_run_checkpointed(tmp_path, workers):
+    """SIGTERM to `python dtr.py --compare`: the training runs checkpoint and stop (in parallel: passed on to each
+    process), and the comparison ends with one line instead of judging unfinished runs."""
+    _cheap_judge(tmp_path)
+    argv = ["--compare", "--results-dir", str(tmp_path), "--compare-workers", workers, *TINY, "--steps", "100000"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "dtr.py"), *argv], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    out = tmp_path / "000-dtr-compare-DiT-Ti-4"
+    expected = int(workers)  # runs under way when the signal comes
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(out.glob("*/metrics.csv"))) < expected:
+        time.sleep(0.2)
+    time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and "Traceback" not in err and len(errors) == 1, err[-2000:]
+    assert "stopped by a signal" in errors[0]
+    runs = sorted(p for p in out.iterdir() if p.is_dir())
+    assert len(runs) == expected and not (out / "compare.csv").exists()
+    for run in runs:  # each stopped run wrote its checkpoint at the step it had reached
+        (ckpt,) = (run / "checkpoints").glob("*.pt")
+        assert 2 <= int(ckpt.stem) < 100000

@@ -398,17 +398,21 @@ def pcgrad(grads, generator=None):
         raise ValueError(f"grads must be [k, D] or a list of k lists of tensors, got shape {tuple(grads.shape)}")
     k = grads.shape[0]
     # Every projected g_i stays a combination sum_j C[i, j] g_j of the originals, so the surgery runs on the k x k
-    # Gram matrix (one matmul over D, then O(k^3) on the host) instead of k^2 dot products over D on the device.
-    gram = (grads @ grads.T).double().cpu()
+    # Gram matrix (one matmul over D, then O(k^3) tiny ops) instead of k^2 dot products over D. It stays on the
+    # gradients' device, branch-free (a conflict test `dot < 0` on the host would wait for the GPU every step).
+    gram = (grads @ grads.T).double()
     squared_norms = gram.diagonal() + 1e-8  # 1e-8 keeps a zero gradient from dividing by 0
-    coef = torch.eye(k, dtype=torch.float64)
+    coef = torch.eye(k, dtype=torch.float64, device=grads.device)
+    # j runs over all clusters as in the PCGrad / LibMTL / upstream code, in a random order per i drawn on the host;
+    # j == i only matters if g_i turned against itself after earlier projections. order[i, s] = one-hot of the
+    # s-th j for row i, so no index is read back from a tensor.
+    order = torch.eye(k, dtype=torch.float64)[torch.stack([torch.randperm(k, generator=generator) for _ in range(k)])]
+    order = order.to(grads.device)
     for i in range(k):
-        # j runs over all clusters as in the PCGrad / LibMTL / upstream code; j == i only matters if g_i turned
-        # against itself after earlier projections.
-        for j in torch.randperm(k, generator=generator).tolist():
-            dot = coef[i] @ gram[:, j]  # = projected_i . g_j
-            if dot < 0:
-                coef[i, j] -= dot / squared_norms[j]  # projected_i -= (projected_i . g_j) / |g_j|^2 g_j
+        for e_j in order[i]:
+            dot = coef[i] @ (gram @ e_j)  # = projected_i . g_j
+            # projected_i -= (projected_i . g_j) / |g_j|^2 g_j where they conflict (dot < 0), else unchanged
+            coef[i] -= e_j * (dot.clamp(max=0) / (squared_norms @ e_j))
     return coef.sum(dim=0).to(grads) @ grads  # sum_i projected_i
 
 
@@ -488,22 +492,23 @@ def ls_weights(k, device="cpu"):
 
 
 def per_cluster_grads(losses, params, present_mask=None):
-    """[k, D] flattened gradients of each cluster loss w.r.t. params (one backward per present cluster). losses: a
+    """[k, D] flattened gradients of each cluster loss w.r.t. params (one backward per cluster). losses: a
     [k] tensor, or k scalars with graphs of their own (batch_cluster_losses' separate graphs: each backward then
     runs through its cluster's samples only)."""
     params = [p for p in params]
     out = torch.zeros(len(losses), sum(p.numel() for p in params), device=params[0].device)  # filled in place
-    present = [True] * len(losses) if present_mask is None else present_mask.tolist()
     for i, loss in enumerate(losses):
-        if not present[i] or not loss.requires_grad:
-            continue  # absent cluster: zero row
+        if not loss.requires_grad:
+            continue  # zero row
         grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
         offset = 0
         for g, p in zip(grads, params):
             if g is not None:
                 out[i, offset:offset + p.numel()] = g.reshape(-1)
             offset += p.numel()
-    return out
+    # absent clusters: zero rows, by a mask on the device (reading the mask back would wait for the GPU); their
+    # gradient is zero anyway (no sample), so the extra backward changes nothing but the time of a rare batch
+    return out if present_mask is None else out * present_mask[:, None].to(out.dtype)
 
 
 def write_flat_grad(params, flat_grad):

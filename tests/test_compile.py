@@ -159,6 +159,7 @@ LOOPS = {
     "dtr-ant-uw": (dtr, CLASS_CONDITIONAL + ["--loss-weight", "ant-uw", "--ant-k", "2"]),
     "ant-uw": (ant, CLASS_CONDITIONAL + ["--k", "2", "--clustering", "timestep", "--mtl", "uw"]),
     "ant-vanilla": (ant, CLASS_CONDITIONAL + ["--k", "2", "--clustering", "timestep"]),
+    "ant-pcgrad": (ant, CLASS_CONDITIONAL + ["--k", "2", "--clustering", "timestep", "--mtl", "pcgrad"]),
     "mt-image-label": ("mt_diffusion", ["--setting", "image-label", "--image-size", "16", "--num-sampling-steps", "2",
                                         "--eval-samples", "4", "--eval-batch-size", "4"]),
     "taskdiffusion": ("task_diffusion", ["--image-size", "32", "--embed-dim", "32", "--num-eval", "2",

@@ -345,11 +345,16 @@ def remove_stale_tmp_files(folder):
     return removed
 
 
+def checkpoint_step(path):
+    """The step in a checkpoint's file name, <run>/checkpoints/<step>.pt."""
+    return int(os.path.basename(path)[:-3])
+
+
 def latest_checkpoint(run_dir):
     """Path of the highest-step checkpoint in run_dir/checkpoints, or None."""
     paths = glob.glob(os.path.join(run_dir, "checkpoints", "*.pt"))
     paths = [p for p in paths if re.fullmatch(r"\d+\.pt", os.path.basename(p))]
-    return max(paths, key=lambda p: int(os.path.basename(p)[:-3])) if paths else None
+    return max(paths, key=checkpoint_step) if paths else None
 
 
 def run_dir_of(ckpt_path):

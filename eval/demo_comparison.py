@@ -23,7 +23,8 @@ from common.adm_npz import atomic_savez, to_uint8
 from common.checkpoint_formats import model_from_checkpoint
 from common.class_conditional_cli import sampling_kwargs
 from common.sampling import sample_images
-from common.training_run import InputError, fail, init_distributed, latest_checkpoint, numbered_dir, positive_int
+from common.training_run import (InputError, checkpoint_step, fail, init_distributed, latest_checkpoint, numbered_dir,
+                                 positive_int)
 from data.labelled_images import create_dataset
 from data.synthetic import SHAPE_TYPES
 from eval.shape_classifier import judge_samples, load_or_train_classifier
@@ -209,7 +210,7 @@ def stopped_message(out):
 def check_finished(run_dir, steps, out):
     """One line and exit when a run stopped before `steps` (a stop signal): its checkpoints stay in `out`."""
     ckpt = latest_checkpoint(run_dir)
-    if not ckpt or int(os.path.basename(ckpt).split(".")[0]) < steps:
+    if not ckpt or checkpoint_step(ckpt) < steps:
         fail(stopped_message(out))
 
 

@@ -500,15 +500,15 @@ def per_cluster_grads(losses, params, present_mask=None):
     for i, loss in enumerate(losses):
         if not loss.requires_grad:
             continue  # zero row
+        if present_mask is not None:  # absent cluster: zero row, decided on the device (no read-back of the mask)
+            loss = loss * present_mask[i]
         grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
         offset = 0
         for g, p in zip(grads, params):
             if g is not None:
                 out[i, offset:offset + p.numel()] = g.reshape(-1)
             offset += p.numel()
-    # absent clusters: zero rows, by a mask on the device (reading the mask back would wait for the GPU); their
-    # gradient is zero anyway (no sample), so the extra backward changes nothing but the time of a rare batch
-    return out if present_mask is None else out * present_mask[:, None].to(out.dtype)
+    return out
 
 
 def write_flat_grad(params, flat_grad):
